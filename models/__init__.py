@@ -1,0 +1,3 @@
+"""Architectures of this project, registered with timm / transformers on import."""
+
+from models import illama  # noqa: F401  (registers illama_* and test_illama with timm)

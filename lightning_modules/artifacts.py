@@ -1,0 +1,34 @@
+"""Models that one recipe writes and another starts from (``export_dir`` → ``pretrained``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+def producing_configs(path: str) -> list[str]:
+    """The configs whose ``export_dir`` is ``path`` (scanned as text: no config is instantiated)."""
+    wanted = Path(path).as_posix().rstrip("/")
+    found = []
+    for config in sorted(CONFIG_ROOT.rglob("*.yaml")):
+        for match in re.finditer(r"export_dir:\s*['\"]?([^\s'\"#]+)", config.read_text()):
+            if match.group(1).rstrip("/") == wanted:
+                found.append(config.relative_to(CONFIG_ROOT.parent).as_posix())
+    return found
+
+
+def require_local_model(path: str, what: str = "starting model") -> None:
+    """Fail with the command that makes ``path`` when a local model folder is missing."""
+    if Path(path).expanduser().exists():
+        return
+    makers = producing_configs(path)
+    hint = (f"Make it first: `python train.py fit --config {makers[0]}`." if makers
+            else "Give an existing folder or a hub name.")
+    raise FileNotFoundError(f"The {what} {path!r} does not exist. {hint}")
+
+
+def is_local_reference(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id."""
+    return name.startswith((".", "/", "~", "artifacts/", "runs/")) or Path(name).expanduser().exists()

@@ -1,0 +1,123 @@
+"""Causal language modelling with any transformers ``AutoModelForCausalLM``: pretraining or full fine-tuning.
+
+The quickstart pretrains a tiny LLaMA on the built-in corpus and writes it with ``save_pretrained`` so that
+method recipes can start from it (``pretrained: artifacts/tiny_llama``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+
+from lightning_modules.artifacts import is_local_reference, require_local_model
+from lightning_modules.base import TrainModule, adamw
+
+#: The quickstart's tiny LLaMA (5.5M parameters): widths are multiples of 128 so that group-wise
+#: quantization with g = 64 or 128 divides every Linear.
+TINY_LLAMA = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                  tie_word_embeddings=False, rms_norm_eps=1e-5)
+
+
+def load_causal_lm(pretrained: str | None, config: dict | None = None, trust_remote_code: bool = False,
+                   dtype: str | None = None) -> PreTrainedModel:
+    """A causal LM from a local folder or hub name (``from_pretrained``), or freshly initialised from a config
+    dict (``model_type`` picks the architecture, LLaMA by default)."""
+    if pretrained is None:
+        config = dict(config or TINY_LLAMA)
+        model_type = config.pop("model_type", "llama")
+        cfg = LlamaConfig(**config) if model_type == "llama" else AutoConfig.for_model(model_type, **config)
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    if is_local_reference(pretrained):
+        require_local_model(pretrained)
+    try:
+        return AutoModelForCausalLM.from_pretrained(pretrained, trust_remote_code=trust_remote_code,
+                                                    dtype=getattr(torch, dtype) if dtype else None)
+    except OSError as err:
+        raise ValueError(f"Could not load the model {pretrained!r}: it is not a local model folder and could not "
+                         f"be fetched from the hub (no network, or no such model). ({err})") from None
+
+
+class CausalLM(TrainModule):
+    """Train a causal LM on batches of ``input_ids``/``labels`` (-100 = ignored).
+
+    Args:
+        pretrained: a local folder or hub name; ``None`` builds a fresh model from ``config``.
+        config: config kwargs for a fresh model (``model_type`` + fields; default: the tiny LLaMA above).
+        trust_remote_code: passed to transformers; off unless a config turns it on.
+        dtype: load dtype for ``pretrained`` (e.g. ``bfloat16``); ``None`` keeps the checkpoint's default.
+        gradient_checkpointing: trade compute for activation memory on large models.
+    """
+
+    def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
+                 trust_remote_code: bool = False, dtype: str | None = None, gradient_checkpointing: bool = False,
+                 optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
+                 export_dir: str | None = None):
+        super().__init__(optimizer, lr_scheduler, export_dir)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.model = load_causal_lm(pretrained, config, trust_remote_code, dtype)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.val_ppl = Perplexity(ignore_index=-100)
+        self.val_loss = MeanMetric()
+        self._batch_start = None
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        block_size = getattr(datamodule, "block_size", None) or getattr(datamodule, "max_length", None)
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if block_size and context and block_size > context:
+            raise ValueError(f"The data's sequence length ({block_size}) exceeds the model's context "
+                             f"(max_position_embeddings={context}): lower `data.block_size`/`max_length`.")
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}: "
+                             "use the model's own tokenizer, or a matching `vocab_size`.")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._batch_start))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(**batch)
+        # Perplexity compares the prediction at t with the token at t+1, as the model's own loss does
+        self.val_ppl.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        self.val_loss.update(out.loss, weight=(batch["labels"][:, 1:] != -100).sum())
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/ppl", self.val_ppl, prog_bar=True)
+
+    test_step = validation_step
+
+    def on_fit_start(self) -> None:
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        if tokenizer is not None and self.trainer.is_global_zero and self.trainer.log_dir:
+            tokenizer.save_pretrained(f"{self.trainer.log_dir}/tokenizer")
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.export(self.export_dir)
+
+    def export(self, directory: str) -> None:
+        """Write the model (safetensors) and the data's tokenizer as a folder ``from_pretrained`` loads."""
+        self.model.save_pretrained(directory, safe_serialization=True)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
