@@ -1,0 +1,38 @@
+"""Adapter fine-tuning of a causal LM (LoRA, MoSLoRA, DoRA, ... from a peft config in YAML).
+
+    python train.py fit --config configs/moslora.yaml     # MoSLoRA on the quickstart tiny LLaMA
+    python train.py fit --config configs/lora.yaml        # the same with plain LoRA
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft import PeftConfig
+
+from lightning_modules.adapter import AdapterMixin, merged_state_dict
+from lightning_modules.causal_lm import CausalLM
+
+
+class AdapterCausalLM(AdapterMixin, CausalLM):
+    """`CausalLM` with a frozen base and a trainable peft adapter.
+
+    Args:
+        adapter: a peft config, e.g. `class_path: methods.moslora.MoSLoraConfig` with its `init_args`.
+        merged_dir: also write the merged model here at the end of `fit` (`AutoModelForCausalLM` loads it).
+        **kwargs: `CausalLM`'s arguments (`pretrained`, `optimizer`, `lr_scheduler`, `export_dir`, ...).
+            `export_dir` receives the peft adapter folder and the tokenizer.
+    """
+
+    def __init__(self, adapter: PeftConfig, merged_dir: str | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._init_adapter(adapter, merged_dir)
+
+    def export(self, directory: str) -> None:
+        CausalLM.export(self, directory)  # PeftModel.save_pretrained writes the adapter; plus the tokenizer
+
+    def export_merged(self, directory: str) -> None:
+        self.model.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(self.model))
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
