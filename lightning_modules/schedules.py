@@ -36,3 +36,6 @@ class WarmupCosine(LambdaLR):
     def state_dict(self) -> dict:
         # LambdaLR would try to pickle the bound method; everything it needs is in these fields
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.__dict__.update({k: v for k, v in state_dict.items() if k != "lr_lambdas"})
