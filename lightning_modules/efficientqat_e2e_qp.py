@@ -1,0 +1,72 @@
+"""EfficientQAT phase 2, E2E-QP (Chen et al., arXiv 2407.11062, Sec. 3.3): end-to-end training of the
+quantization step sizes of a packed model on the causal-LM loss.
+
+    python train.py fit --config configs/efficientqat_e2e_qp.yaml    # starts from the Block-AP folder
+
+The integer codes (``qweight``) and zero points (``qzeros``) stay frozen int32 buffers; embeddings, norms and
+the LM head are frozen; only every ``QuantLinear.scales`` trains, upcast to fp32 (the gradient through the
+dequantization ``W = (q - z) s`` is ``q - z``). The written folder keeps the packed layout, so the model's
+size on disk is unchanged. Paper: AdamW, wd 0, lr 2e-5 (2-bit) / 1e-5 (3/4-bit), cosine, 3 % warmup,
+gradient clipping 0.3, one epoch of 4096 x 4096-token RedPajama samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from lightning_modules.artifacts import require_local_model
+from lightning_modules.base import TrainModule
+from lightning_modules.causal_lm import CausalLM
+from methods.quantization import QuantLinear, load_quantized, save_quantized
+
+
+def adamw_e2e(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=2e-5, weight_decay=0.0)
+
+
+class EfficientQATE2EQP(CausalLM):
+    """E2E-QP: train only the step sizes of a packed low-bit causal LM.
+
+    Args:
+        pretrained: a folder written by the Block-AP recipe (or ``methods.quantization.save_quantized``).
+        optimizer, lr_scheduler: as for every recipe; the parameters are the scales only.
+        export_dir: where the packed model with the trained scales is written.
+    """
+
+    def __init__(self, pretrained: str, optimizer: OptimizerCallable = adamw_e2e,
+                 lr_scheduler: LRSchedulerCallable | None = None, export_dir: str | None = None):
+        TrainModule.__init__(self, optimizer, lr_scheduler, export_dir)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        require_local_model(pretrained, "packed Block-AP model")
+        self.model = load_quantized(pretrained)
+        self.model.requires_grad_(False)
+        self.quant_layers = [m for m in self.model.modules() if isinstance(m, QuantLinear)]
+        if not self.quant_layers:
+            raise ValueError(f"{pretrained!r} holds no QuantLinear layers: E2E-QP needs a packed model.")
+        for layer in self.quant_layers:
+            layer.scales.data = layer.scales.data.float()
+            layer.scales.requires_grad_(True)
+        self.bits, self.group_size = self.quant_layers[0].bits, self.quant_layers[0].group_size
+        self.val_ppl = Perplexity(ignore_index=-100)
+        self.val_loss = MeanMetric()
+        self._batch_start = None
+
+    def param_groups(self) -> list[torch.nn.Parameter]:
+        return [layer.scales for layer in self.quant_layers]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for key, value in checkpoint["state_dict"].items():  # scales were trained in fp32
+            if key.endswith(".scales"):
+                checkpoint["state_dict"][key] = value.float()
+
+    def export(self, directory: str) -> None:
+        """The packed model with fp16 scales (``save_quantized``) and the data's tokenizer."""
+        save_quantized(self.model, directory, self.bits, self.group_size)
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
