@@ -39,7 +39,6 @@ Use::
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -186,11 +185,12 @@ def prunable_layers(
     return layers
 
 
-def sparsify(model: nn.Module, sparsities: Mapping[str, float], decay: float = 5e-5) -> nn.Module:
+def sparsify(model: nn.Module, sparsities: Mapping[str, float], decay: float | None = 5e-5) -> nn.Module:
     """Make each named layer compute with its largest-magnitude weights on every forward (in place).
 
     The gradient is straight-through plus decay·(1 − m)⊙W (UniPTS / SR-STE). A layer already
-    sparsified gets its sparsity and decay updated. Returns `model`.
+    sparsified gets its sparsity (and decay, unless `decay` is None) updated in place, which keeps its
+    parameters and any DDP wrapper valid. `decay=None` on a new layer means 5e-5. Returns `model`.
 
     Raises:
         KeyError: a name is not a submodule of `model`.
@@ -206,11 +206,12 @@ def sparsify(model: nn.Module, sparsities: Mapping[str, float], decay: float = 5
                            f"list candidates with prunable_layers(model)") from err
         mask = _mask_of(module)
         if mask is not None:
-            mask.sparsity, mask.decay = float(p), float(decay)
+            mask.sparsity = float(p)
+            mask.decay = mask.decay if decay is None else float(decay)
             continue
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             raise ValueError(f"{name!r} ({type(module).__name__}) has no weight parameter to sparsify")
-        parametrize.register_parametrization(module, "weight", MagnitudeMask(p, decay))
+        parametrize.register_parametrization(module, "weight", MagnitudeMask(p, 5e-5 if decay is None else decay))
         if not getattr(module, "_sparsity_key_hooks", False):
             module.register_state_dict_post_hook(_save_plain_key)
             module.register_load_state_dict_pre_hook(_load_plain_key)
@@ -349,35 +350,53 @@ def calibrated_accuracy(
     batches: Iterable[tuple[Tensor, Tensor]],
     noise_std: float = 1e-6,
     bn_momentum: float | None = None,
-    device: torch.device | str | None = None,
 ) -> float:
-    """UniPTS search fitness: top-1 of a masked copy of `model` after a BatchNorm recalibration.
+    """UniPTS search fitness: top-1 of `model` under magnitude masks after a BatchNorm recalibration.
 
-    On a copy (the model is untouched): magnitude masks at `sparsities`, BatchNorm statistics reset
-    and re-estimated by one train-mode pass over `batches` (inputs + noise_std·N(0, 1)), then top-1 on
-    the same `batches` in eval mode. `bn_momentum=None` takes the cumulative average (the official
-    code keeps momentum 0.1 over 160 batches, which has converged; with a few batches the average is
-    the faithful estimate). `batches` must be re-iterable (a DataLoader or a list).
+    Magnitude masks at `sparsities` (on the dense W of sparsified layers), BatchNorm statistics reset and
+    re-estimated by one train-mode pass over `batches` (inputs + noise_std·N(0, 1)), then top-1 on the
+    same `batches` in eval mode. Everything is restored afterwards (weights, masks, BatchNorm buffers,
+    train/eval mode): done in place rather than on a copy, so it costs one copy of the masked weights.
+    `bn_momentum=None` takes the cumulative average (the official code keeps momentum 0.1 over 160
+    batches, which has converged; with a few batches the average is the faithful estimate). `batches`
+    must be re-iterable (a DataLoader or a list).
     """
-    net = remove_sparsity(copy.deepcopy(model), bake=False)
-    if device is not None:
-        net.to(device)
-    device = next(net.parameters()).device
+    was_training = model.training
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved_norms = [(m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in norms]
+    saved_weights = {}
     for name, p in sparsities.items():
-        w = net.get_submodule(name).weight
+        module = model.get_submodule(name)
+        w = _dense_weight(module)
+        mask = _mask_of(module)
+        saved_weights[name] = (w.clone(), None if mask is None else mask.sparsity)
+        if mask is not None:
+            mask.sparsity = 0.0  # the dense W is masked in place below
         w.mul_(magnitude_mask(w, p))
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+    try:
+        device = next(model.parameters()).device
+        for m in norms:
             m.reset_running_stats()
             m.momentum = bn_momentum
-    net.train()
-    for x, _ in batches:
-        x = x.to(device)
-        net(x + noise_std * torch.randn_like(x))
-    net.eval()
-    correct = total = 0
-    for x, y in batches:
-        logits = net(x.to(device))
-        correct += int((logits.argmax(-1) == y.to(device)).sum())
-        total += y.numel()
+        model.train()
+        for x, _ in batches:
+            x = x.to(device)
+            model(x + noise_std * torch.randn_like(x))
+        model.eval()
+        correct = total = 0
+        for x, y in batches:
+            logits = model(x.to(device))
+            correct += int((logits.argmax(-1) == y.to(device)).sum())
+            total += y.numel()
+    finally:
+        for name, (w, p) in saved_weights.items():
+            module = model.get_submodule(name)
+            _dense_weight(module).copy_(w)
+            if p is not None:
+                _mask_of(module).sparsity = p
+        for m, (momentum, buffers) in zip(norms, saved_norms, strict=True):
+            m.momentum = momentum
+            for k, b in buffers.items():
+                getattr(m, k).copy_(b)
+        model.train(was_training)
     return correct / max(total, 1)

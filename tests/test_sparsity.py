@@ -216,6 +216,7 @@ def test_search_is_deterministic_for_a_seed_and_improves_on_the_anchor():
 
 def test_calibrated_accuracy_is_seeded_and_leaves_the_model_untouched():
     model = tiny_resnet().train()
+    sparsify(model, {"fc": 0.3})  # a sparsified layer is evaluated from its dense W and restored
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -226,4 +227,4 @@ def test_calibrated_accuracy_is_seeded_and_leaves_the_model_untouched():
     b = calibrated_accuracy(model, ps, batches)
     assert a == b and 0.0 <= a <= 1.0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert model.training
+    assert model.training and layer_sparsities(model) == {"fc": 0.3}
