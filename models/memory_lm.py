@@ -121,8 +121,10 @@ class MemoryLM(nn.Module):
             inject_adapter_in_model(LoraConfig(r=transfer_rank, lora_alpha=transfer_alpha, lora_dropout=lora_dropout,
                                                target_modules=["k_proj", "v_proj"]), base,
                                     adapter_name=TRANSFER_ADAPTER)
+        last = f"layers.{len(layers) - 1}."
         for name, param in base.named_parameters():  # peft activates one adapter per layer; we use both
-            param.requires_grad_(".lora_" in name)
+            # The memory is read at the last layer's input norm: its encoder q/v LoRA never reaches it.
+            param.requires_grad_(".lora_" in name and not (last in name and ENCODER_ADAPTER in name))
         self.base = base
         embeddings = base.get_input_embeddings().weight
         eos = base.config.eos_token_id

@@ -1,0 +1,184 @@
+"""UIO-LLMs recipe: train a memory-enhanced LM with unbiased incremental TBPTT (arXiv 2406.18173, §3.3, App. B).
+
+Manual optimisation, one optimiser step per batch of sequences:
+
+1. per segment t: decoder on x_t with the memory leaves m̃_1..m̃_{t-1} → J_t; backward J_t (fresh leaf gradients
+   scaled by max(1, (t-1)/S) when ``compensate``); encode x_t → m_t; reservoir insert, flushing the graph it
+   evicts (``methods.incremental_tbptt``);
+2. flush the graphs still alive; one all-reduce (mean) of the trainable gradients across ranks;
+3. clip the global norm, optimiser step, scheduler step.
+
+No backward ever triggers a DDP gradient sync (``require_backward_grad_sync`` stays off), so ranks whose
+sequences have different numbers of segments make the same single collective per step and cannot hang.
+
+Run: ``python train.py fit --config configs/uio_passkey.yaml`` (the tiny quickstart LM, minutes on CPU);
+``configs/full/uio_llama2_7b_32x.yaml`` has the paper's settings.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_modules.base import TrainModule, adamw, no_decay_groups
+from lightning_modules.causal_lm import load_causal_lm
+from methods.incremental_tbptt import IncrementalTBPTT
+from methods.reservoir import RecencyWindow, ReservoirSampler
+from models.memory_lm import MemoryLM, MemoryMode
+
+
+class UIOLM(TrainModule):
+    """Memory LM (``models.memory_lm.MemoryLM``) trained with (unbiased) incremental TBPTT.
+
+    Args:
+        pretrained: the frozen base (a local folder or hub name); ``None`` builds one from ``config``.
+        config: config kwargs for a fresh base (tests); ``dtype``: load dtype of ``pretrained`` (e.g. bfloat16).
+        segment_length, num_memory_tokens: l and m (compression l/m: 1024/32 = 32x in the paper).
+        encoder_rank, encoder_alpha, transfer_rank, transfer_alpha, lora_dropout: the two LoRAs (r=128, α=512).
+        window: S, encoder graphs kept alive (2 in the paper).
+        sampler: ``reservoir`` (UIO, unbiased with ``compensate``) or ``recency`` (plain TBPTT, Eq. 6).
+        compensate: scale fresh memory gradients by max(1, (t-1)/S) (App. B; the released code omits it).
+        clip_grad_norm: global gradient-norm clip (1.0); ``None`` turns it off.
+        eval_memory: memory modes evaluated in validation: ``on``, ``zero`` (zeroed states), ``off``.
+        seed: the reservoir generator's seed (offset by the rank); its state is saved in checkpoints.
+
+    Raises:
+        ValueError: on an unknown ``sampler``/``eval_memory``, on fp16 precision (the loss scaler would scale the
+            encoder flush twice), or when the data's longest sequence exceeds the model's context budget.
+    """
+
+    def __init__(self, pretrained: str | None = "artifacts/tiny_llama", config: dict[str, Any] | None = None,
+                 dtype: str | None = None, segment_length: int = 1024, num_memory_tokens: int = 32,
+                 encoder_rank: int = 128, encoder_alpha: float = 512, transfer_rank: int = 128,
+                 transfer_alpha: float = 512, lora_dropout: float = 0.0, window: int = 2,
+                 sampler: Literal["reservoir", "recency"] = "reservoir", compensate: bool = True,
+                 clip_grad_norm: float | None = 1.0, eval_memory: list[MemoryMode] | None = None, seed: int = 0,
+                 optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
+                 export_dir: str | None = None):
+        super().__init__(optimizer, lr_scheduler, export_dir)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if sampler not in ("reservoir", "recency"):
+            raise ValueError(f"sampler must be 'reservoir' (UIO) or 'recency' (plain TBPTT), got {sampler!r}.")
+        self.eval_memory = list(eval_memory or ["on", "zero"])
+        if not set(self.eval_memory) <= {"on", "zero", "off"}:
+            raise ValueError(f"eval_memory entries must be 'on', 'zero' or 'off', got {self.eval_memory}.")
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold the trainable tensors only; the base comes from `pretrained`
+        base = load_causal_lm(pretrained, config, dtype=dtype)
+        self.model = MemoryLM(base, segment_length, num_memory_tokens, encoder_rank, encoder_alpha, transfer_rank,
+                              transfer_alpha, lora_dropout)
+        self.sampler_name, self.window, self.seed, self.clip_grad_norm = sampler, window, seed, clip_grad_norm
+        self.tbptt = IncrementalTBPTT(self._policy(0), compensate=compensate, backward=self.manual_backward)
+
+    def _policy(self, rank: int) -> RecencyWindow:
+        if self.sampler_name == "recency":
+            return RecencyWindow(self.window)
+        return ReservoirSampler(self.window, seed=self.seed + rank)
+
+    def param_groups(self) -> list[dict]:
+        return no_decay_groups(self.model)
+
+    # ------------------------------------------------------------------------------------------- checks
+    def setup(self, stage: str) -> None:
+        if self.trainer.global_rank:  # independent reservoir draws per rank
+            self.tbptt.policy = self._policy(self.trainer.global_rank)
+        longest = getattr(getattr(self.trainer, "datamodule", None), "max_length", None)
+        if longest:
+            self.model.check_context(longest)
+
+    def on_fit_start(self) -> None:
+        if str(self.trainer.precision).startswith("16"):
+            raise ValueError("UIOLM does not support fp16 (`16-mixed`): the loss scaler would scale the encoder "
+                             "flush twice. Use `precision: bf16-mixed`/`bf16-true` (as the paper) or `32-true`.")
+
+    def on_train_start(self) -> None:
+        self._disable_ddp_sync()
+
+    def _disable_ddp_sync(self) -> None:
+        # Every backward stays local; gradients are averaged once in `_all_reduce_gradients`.
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = False
+
+    # ----------------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        start = time.perf_counter()
+        self._disable_ddp_sync()
+        optimizer = self.optimizers()
+        loss = self.model.incremental_backward(batch["input_ids"], batch["labels"], self.tbptt)
+        self._all_reduce_gradients()
+        if self.clip_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.clip_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/tokens_per_s", batch["input_ids"].numel() / (time.perf_counter() - start))
+        return loss
+
+    def _all_reduce_gradients(self) -> None:
+        """Average the trainable gradients over ranks with one collective (missing gradients count as zero)."""
+        if self.trainer.world_size == 1:
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        for param, grad in zip(params, flat.split([p.numel() for p in params])):
+            param.grad = grad.view_as(param).to(param.dtype)
+
+    # ---------------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        ids = batch["input_ids"]
+        targets = MemoryLM.shifted_targets(batch["labels"])
+        labelled = targets != -100
+        length = ids.shape[1]
+        for mode in self.eval_memory:
+            logits = self.model(ids, memory=mode)
+            loss = torch.nn.functional.cross_entropy(logits[labelled].float(), targets[labelled])
+            exact = ((logits.argmax(-1) == targets) | ~labelled).all(dim=1).float().mean()
+            kwargs = dict(batch_size=ids.shape[0], add_dataloader_idx=False)
+            self.log(f"val/acc_{mode}@{length}", exact, **kwargs)
+            self.log(f"val/loss_{mode}@{length}", loss, **kwargs)
+            if mode == self.eval_memory[0] and dataloader_idx == 0:
+                self.log("val/loss", loss, prog_bar=True, **kwargs)
+
+    # ------------------------------------------------------------------------------- checkpoints, export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint["uio_policy"] = self._gather_policy_states()
+
+    def _gather_policy_states(self) -> list[dict[str, Any]]:
+        state = self.tbptt.policy.state_dict()
+        if "rng_state" not in state or self._trainer is None or self.trainer.world_size == 1:
+            return [state]
+        gathered = self.all_gather(state["rng_state"].to(self.device))  # [world, n]: every rank's generator
+        return [{"rng_state": s.cpu()} for s in gathered]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("uio_policy")
+        if states:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self.tbptt.policy.load_state_dict(states[rank % len(states)])
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.export(self.export_dir)
+
+    def export(self, directory: str) -> None:
+        """Write the trainable tensors (LoRAs, <mem> embedding) as safetensors plus the settings that rebuild them."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.model.trainable_state_dict().items()},
+                  str(path / "uio_memory.safetensors"))
+        settings = {k: v for k, v in self.hparams.items() if k not in ("export_dir",)}
+        (path / "uio_config.json").write_text(json.dumps(settings, indent=2, default=str))
