@@ -61,7 +61,7 @@ class CausalLM(TrainModule):
                  export_dir: str | None = None):
         super().__init__(optimizer, lr_scheduler, export_dir)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model = load_causal_lm(pretrained, config, trust_remote_code, dtype)
+        self.model = load_causal_lm(pretrained, config, trust_remote_code, dtype).train()  # from_pretrained gives eval()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.val_ppl = Perplexity(ignore_index=-100)
