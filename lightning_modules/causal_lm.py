@@ -108,8 +108,9 @@ class CausalLM(TrainModule):
 
     def on_fit_start(self) -> None:
         tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-        if tokenizer is not None and self.trainer.is_global_zero and self.trainer.log_dir:
-            tokenizer.save_pretrained(f"{self.trainer.log_dir}/tokenizer")
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if tokenizer is not None and self.trainer.is_global_zero and log_dir:
+            tokenizer.save_pretrained(f"{log_dir}/tokenizer")
 
     def on_fit_end(self) -> None:
         if self.export_dir and self.trainer.is_global_zero:
