@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,13 @@ def test_save_load_and_plain_lora_export(tmp_path: Path) -> None:
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n_adapter
     assert 4 * n_adapter < adapter_bytes < 4 * n_adapter + 4096  # + the safetensors header
     assert adapter_bytes < 0.02 * sum(p.numel() * 4 for p in base().parameters())
+
+    # the official fork's adapter_config.json flags the mixer with use_moslora (no mixer_init); same lora_AB keys
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    saved.pop("mixer_init"), saved.update(use_moslora=True)
+    config_file.write_text(json.dumps(saved))
+    torch.testing.assert_close(load_moslora(base(), tmp_path / "adapter")(x).logits, expected, atol=0, rtol=0)
 
     save_as_plain_lora(model, tmp_path / "plain")
     assert not any("lora_AB" in k for k in plain_lora_state_dict(model))
