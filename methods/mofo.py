@@ -1,0 +1,401 @@
+"""MoFO: the Momentum-Filtered Optimizer (Chen et al., "MoFO: Momentum-Filtered Optimizer for
+Mitigating Forgetting in LLM Fine-Tuning", arXiv 2407.20999, Algorithm 1; official code
+YChen-zzz/MoFO ``algorithms_MoFO.py``).
+
+Each parameter tensor is one partition. At step t, with fraction α:
+
+    θ ← θ · (1 − lr·λ)                                    decoupled weight decay, every entry
+    m ← β1·m + (1 − β1)·g,   v ← β2·v + (1 − β2)·g²        dense moments, fp32, every entry
+    S = the k = max(1, ⌊α·numel⌋) entries of largest |m|   (entries tied with the k-th value join S)
+    θ_S ← θ_S − lr/(1 − β1^t) · m_S / (√v_S / √(1 − β2^t) + ε)
+
+Tensors named ``*bias*`` / ``*norm*`` take the full Adam step, so α = 1 is exactly AdamW.
+
+Speed. ``torch.topk`` / ``kthvalue`` on |m| cost several AdamW steps on CPU, and compaction
+(boolean indexing, ``nonzero``) is no better. The threshold here uses only dense vectorised
+compare-and-sum passes: a fixed random sample of |m| brackets the k-th largest value, and a
+safeguarded interpolation search on exact counts ``#{|m| ≥ t}`` closes the bracket until it holds
+exactly k entries (or the bracket is one float wide: a tie). The result is the exact top-k set,
+and deterministic, so every DDP rank (same all-reduced gradients) makes the same update. Tensors
+with the same number of entries are stacked so each pass is one kernel for all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+_SMALL_ROW = 4096  # rows this short take torch.kthvalue directly
+_SAMPLE = 2048  # sample size per row for the initial bracket
+_BRACKET_SIGMAS = 3.0  # half-width of the sample bracket, in binomial standard deviations
+_STACK_CAP = 1 << 25  # at most this many entries stacked per pass (bounds the scratch memory)
+
+
+def _sample_index(numel: int, device: torch.device) -> Tensor:
+    """Fixed pseudo-random positions (sorted, for locality); the same on every rank and every step."""
+    gen = torch.Generator().manual_seed(numel)
+    return torch.randperm(numel, generator=gen)[:_SAMPLE].sort().values.to(device)
+
+
+def _count_ge(a: Tensor, t: Tensor, scratch: Tensor, rows: list[int] | None = None) -> Tensor:
+    """Exact ``#{a[i, :] >= t[i]}`` per row (only ``rows`` when given; the others come back as 0), by a
+    dense compare into a float buffer and a float sum: bool reductions are several times slower on
+    CPU. Sums of 0/1 are exact in fp32 up to 2^24 entries, in fp64 beyond."""
+    acc = torch.float32 if a.shape[1] <= (1 << 24) else torch.float64
+    if rows is None:
+        torch.ge(a, t.unsqueeze(1), out=scratch)
+        return scratch.sum(1, dtype=acc).to(torch.float64)
+    counts = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for i in rows:
+        torch.ge(a[i], t[i], out=scratch[i])
+        counts[i] = scratch[i].sum(dtype=acc)
+    return counts
+
+
+class _RowSearch:
+    """Search state of one row: the bracket [lo, hi) with count(lo) >= k > count(hi) and the next
+    point t to count. Before both ends are counted: Newton steps with the sample's density of values
+    (counts per unit of value), aimed a little past k so that they bracket it; after: regula falsi
+    on the count with the Illinois rule (an end kept twice has its weight halved), which converges
+    superlinearly and never leaves the bracket."""
+
+    def __init__(self, n: int, k: int, t: float, slope: float) -> None:
+        self.n, self.k = n, k
+        self.lo, self.c_lo, self.hi, self.c_hi = 0.0, n, math.inf, 0
+        self.t, self.slope = _f32(t), slope
+        self.w_lo = self.w_hi = 1.0
+        self.kept = 0  # +1: lo moved last, -1: hi moved last
+        self.gaps = [n, n]
+        self.lo_counted = False
+        self.probed = False  # the last point tested an end of the bracket
+        self.boost = 1.25  # Newton overshoot, doubled after each step that fails to cross k
+
+    def done(self) -> bool:
+        return self.c_lo == self.k or _next_up(self.lo) >= self.hi
+
+    def update(self, c: int) -> None:
+        """Record count(t) = c, then choose the next t (the caller stops when ``done()``)."""
+        t, k = self.t, self.k
+        empty = c == (self.c_lo if c >= k else self.c_hi)  # the bracket shrank but held no values
+        if c >= k:
+            self.lo, self.c_lo, self.lo_counted = t, c, True
+            self.w_lo, self.w_hi = 1.0, self.w_hi / 2 if self.kept == 1 else self.w_hi
+            self.kept = 1
+        else:
+            self.hi, self.c_hi = t, c
+            self.w_hi, self.w_lo = 1.0, self.w_lo / 2 if self.kept == -1 else self.w_lo
+            self.kept = -1
+        if self.done():
+            return
+        gap = self.c_lo - self.c_hi
+        self.gaps.append(gap)
+        probe, self.probed = empty and not self.probed and self.lo_counted and math.isfinite(self.hi), False
+        if probe:  # the values may all sit at one end of the bracket (e.g. a pile of zeros): test it
+            nxt = _next_up(self.lo) if c < k else _next_down(self.hi)
+            self.probed = True
+        elif self.lo_counted and math.isfinite(self.hi):  # both ends counted
+            if gap > self.gaps[-3] / 2:
+                # two counts without halving the count gap (e.g. a pile of equal values): bisect the
+                # bracket's float bit patterns, which ends within 32 counts whatever the values
+                nxt = _bits_mid(self.lo, self.hi)
+            else:  # Illinois regula falsi
+                f_lo, f_hi = (self.c_lo - k) * self.w_lo, (self.c_hi - k) * self.w_hi
+                nxt = self.lo + (self.hi - self.lo) * f_lo / (f_lo - f_hi)
+        else:  # one end still open: Newton steps with the density, lengthened until they cross k
+            nxt = t + (c - k) * self.boost / self.slope if self.slope > 0 else math.nan
+            self.boost *= 2
+            if not self.lo < nxt < self.hi:
+                nxt = max(2 * t, 1e-30) if math.isinf(self.hi) else self.hi / 2
+        self.t = min(max(_f32(nxt), _next_up(self.lo)), _next_down(self.hi))
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def _bits_mid(lo: float, hi: float) -> float:
+    """The float whose bit pattern is halfway between those of the non-negative fp32 lo and hi."""
+    a, b = np.float32(lo).view(np.int32), np.float32(hi).view(np.int32)
+    return float(np.int32((int(a) + int(b)) // 2).view(np.float32))
+
+
+def _next_up(x: float) -> float:
+    return float(np.nextafter(np.float32(x), np.float32(np.inf)))
+
+
+def _next_down(x: float) -> float:
+    return float(np.nextafter(np.float32(x), np.float32(0.0)))
+
+
+def topk_threshold(
+    a: Tensor,
+    k: int,
+    scratch: Tensor | None = None,
+    index: Tensor | None = None,
+    hint: list[tuple[float, float, float]] | None = None,
+) -> tuple[list[float], list[tuple[float, float, float]]]:
+    """Per row of the non-negative fp32 ``a`` [T, N], a threshold τ with ``{a[i] >= τ[i]}`` exactly
+    the top-k set of row i plus the entries tied with its k-th largest value.
+
+    τ lies in (v_{k+1}, v_k], v_j being the j-th largest value of the row; any such τ selects the
+    same set, so the search stops at the first t whose count is k. The thresholds come back as
+    Python floats (exact fp32 values), with a hint for the next call on slowly changing rows.
+
+    Search: the sorted sample gives a first guess and the density of values near it; with a hint
+    (the previous call's τ, sample value and density), the guess is the previous τ scaled by how the
+    sample moved, which is far closer. Then secant steps on exact counts inside the bracket, and
+    bisection whenever two counts fail to halve the bracket's count. The search path never changes
+    the result, only its cost.
+
+    Args:
+        a: non-negative values, one row per tensor.
+        k: how many entries of each row to select, 1 <= k <= N.
+        scratch: a float tensor shaped like ``a`` (allocated when missing).
+        index: the sample positions (``_sample_index(N, device)`` when missing).
+        hint: what the previous call returned, for the same rows.
+    """
+    n_rows, n = a.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    if k == n or n <= _SMALL_ROW:
+        tau = (a.amin(1) if k == n else a.kthvalue(n - k + 1, dim=1).values).tolist()
+        return tau, [(t, math.nan, math.nan) for t in tau]
+    if scratch is None:
+        scratch = torch.empty_like(a)
+    if index is None:
+        index = _sample_index(n, a.device)
+    s = index.numel()
+    rank = k * s / n  # expected 1-based position of the k-th largest value in the sorted sample
+    width = max(2, math.ceil(3 * math.sqrt(s * (k / n) * (1 - k / n))))
+    j = min(max(round(rank) - 1, 0), s - 1)
+    j1, j2 = max(j - width, 0), min(j + width, s - 1)
+    sample = a.index_select(1, index).sort(dim=1, descending=True).values
+    at_j, at_j1, at_j2 = sample[:, [j, j1, j2]].double().T.tolist()
+    searches = []
+    for i in range(n_rows):
+        t = at_j[i]
+        slope = (j2 - j1) * (n / s) / (at_j1[i] - at_j2[i]) if at_j1[i] > at_j2[i] else math.nan
+        if hint is not None:
+            prev_tau, prev_at_j, prev_slope = hint[i]
+            if prev_at_j > 0 and at_j[i] > 0 and math.isfinite(prev_slope):
+                scale = at_j[i] / prev_at_j
+                t, slope = prev_tau * scale, prev_slope / scale
+        searches.append(_RowSearch(n, k, t, slope))
+    active = list(range(n_rows))
+    for _ in range(512):  # bisection alone ends within ~70 counts (the bits of a float interval)
+        t = torch.tensor([r.t for r in searches], dtype=a.dtype, device=a.device)
+        counts = _count_ge(a, t, scratch, None if len(active) == n_rows else active).tolist()
+        for i in active:
+            searches[i].update(round(counts[i]))
+        active = [i for i in active if not searches[i].done()]
+        if not active:
+            break
+    else:  # pragma: no cover
+        raise RuntimeError("MoFO threshold search did not converge")
+    tau = [r.lo for r in searches]
+    slopes = [(r.c_lo - r.c_hi) / (r.hi - r.lo) if r.lo_counted and math.isfinite(r.hi) and r.hi > r.lo
+              else r.slope for r in searches]
+    return tau, [(r.lo, at_j[i], sl) for i, (r, sl) in enumerate(zip(searches, slopes, strict=True))]
+
+
+def _is_dense(name: str | None, param: Tensor, dense_keywords: Sequence[str]) -> bool:
+    """The partitions that take the full Adam step: names containing a dense keyword; without names
+    (plain parameter lists), tensors of fewer than two dimensions (biases and norm weights)."""
+    if name is not None:
+        return any(key in name for key in dense_keywords)
+    return param.ndim < 2
+
+
+class MoFO(torch.optim.Optimizer):
+    """Momentum-filtered AdamW (arXiv 2407.20999, Algorithm 1).
+
+    Args:
+        params: parameters or param groups, as for ``torch.optim.AdamW``. Named parameters
+            (``model.named_parameters()``, or :func:`mofo_param_groups`) let the dense rule go by name.
+        lr: learning rate.
+        betas: (β1, β2) of the moment averages.
+        eps: ε added to the bias-corrected √v.
+        weight_decay: decoupled weight decay λ, applied to every entry.
+        fraction: α, the fraction of each filtered tensor updated per step (settable per group);
+            the paper advises 0.05 to 0.2 and uses 0.15. 1.0 is AdamW.
+        dense_keywords: names containing any of these take the full Adam step (paper: bias, norm).
+            Parameters given without names are dense when they have fewer than 2 dimensions.
+
+    Raises:
+        ValueError: on a learning rate, ε, β, weight decay or fraction out of range.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        fraction: float = 0.15,
+        dense_keywords: Sequence[str] = ("bias", "norm"),
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate {lr}: must be >= 0")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid eps {eps}: must be >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas {betas}: both must be in [0, 1)")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay {weight_decay}: must be >= 0")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fraction=fraction)
+        super().__init__(params, defaults)
+        self.dense_keywords = tuple(dense_keywords)
+        for group in self.param_groups:
+            if not 0.0 < group["fraction"] <= 1.0:
+                raise ValueError(
+                    f"Invalid fraction {group['fraction']}: must be in (0, 1] (the paper advises 0.05-0.2; "
+                    "1.0 is AdamW)"
+                )
+        self._scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._index: dict[tuple, Tensor] = {}
+        self._hints: dict[tuple, list[tuple[float, float, float]]] = {}  # search warm starts
+
+    # ----------------------------------------------------------------------------------------- state
+    def _init_state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``Optimizer.load_state_dict``, but the moments stay fp32 for low-precision parameters
+        (the base class casts every floating state tensor to the parameter's dtype)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params, strict=True):
+            if i in saved and p.dtype != torch.float32:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    self.state[p][key] = saved[i][key].to(device=p.device, dtype=torch.float32)
+
+    # ------------------------------------------------------------------------------------------ step
+    def _scratch_for(self, key: tuple, rows: int, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Persistent buffers (|m| and counts / filtered m) per stack, so no step allocates them."""
+        if key not in self._scratch or self._scratch[key][0].shape != (rows, n):
+            self._scratch[key] = (
+                torch.empty(rows, n, dtype=torch.float32, device=device),
+                torch.empty(rows, n, dtype=torch.float32, device=device),
+            )
+        return self._scratch[key]
+
+    def _index_for(self, device: torch.device, n: int) -> Tensor:
+        key = (device, n)
+        if key not in self._index:
+            self._index[key] = _sample_index(n, device)
+        return self._index[key]
+
+    def _filtered_momentum(self, exp_avgs: list[Tensor], ks: list[int]) -> list[Tensor]:
+        """``m`` with every entry outside its tensor's top-k |m| set to zero. Tensors with the same
+        (numel, k) are stacked so each pass over |m| is one kernel."""
+        out: list[Tensor] = list(exp_avgs)
+        stacks: dict[tuple, list[int]] = {}
+        for i, (m, k) in enumerate(zip(exp_avgs, ks, strict=True)):
+            if k < m.numel():
+                stacks.setdefault((m.device, m.numel(), k), []).append(i)
+        for (device, n, k), members in stacks.items():
+            per_pass = max(1, _STACK_CAP // n)
+            for start in range(0, len(members), per_pass):
+                chunk = members[start : start + per_pass]
+                absm, scratch = self._scratch_for((device, n, k, start), len(chunk), n, device)
+                for row, i in enumerate(chunk):
+                    torch.abs(exp_avgs[i].view(-1), out=absm[row])
+                index = self._index_for(device, n) if n > _SMALL_ROW else None
+                hint_key = tuple(id(exp_avgs[i]) for i in chunk)
+                tau, self._hints[hint_key] = topk_threshold(absm, k, scratch, index, self._hints.get(hint_key))
+                for row, i in enumerate(chunk):
+                    if tau[row] <= 0.0:  # τ = 0: every entry is selected
+                        continue
+                    m = exp_avgs[i]
+                    sel = scratch[row].view_as(m) if m.is_contiguous() else torch.empty_like(m)
+                    # hardshrink keeps |m| > λ; with λ the float just below τ that is exactly |m| >= τ
+                    torch.ops.aten.hardshrink.out(m, _next_down(tau[row]), out=sel)
+                    out[i] = sel
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - the Optimizer signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            names = group.get("param_names")
+            beta1, beta2 = group["betas"]
+            lr, eps, wd, fraction = group["lr"], group["eps"], group["weight_decay"], group["fraction"]
+            by_kind: dict[tuple, list[tuple[Tensor, int]]] = {}
+            for j, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MoFO does not support sparse gradients")
+                dense = fraction >= 1.0 or _is_dense(names[j] if names else None, p, self.dense_keywords)
+                k = p.numel() if dense else max(1, int(p.numel() * fraction))
+                by_kind.setdefault((p.device, p.dtype), []).append((p, k))
+            for (_, dtype), members in by_kind.items():
+                self._update(members, dtype, lr, beta1, beta2, eps, wd)
+        return loss
+
+    def _update(
+        self, members: list[tuple[Tensor, int]], dtype: torch.dtype, lr: float, beta1: float, beta2: float,
+        eps: float, wd: float,
+    ) -> None:
+        """One step for tensors sharing device and dtype; the Adam part mirrors torch's foreach AdamW
+        op for op, so α = 1 reproduces it."""
+        params = [p for p, _ in members]
+        ks = [k for _, k in members]
+        states = [self._init_state(p) for p in params]
+        grads = [p.grad if dtype == torch.float32 else p.grad.float() for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        del grads
+        step_size = [-(lr / (1 - beta1 ** s.item())) for s in steps]
+        bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in steps]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        numer = self._filtered_momentum(exp_avgs, ks)
+        if dtype == torch.float32:
+            torch._foreach_addcdiv_(params, numer, denom, step_size)
+        else:  # the update is formed in fp32 and rounded once into the low-precision parameter
+            torch._foreach_div_(denom, step_size)
+            for p, m, d in zip(params, numer, denom, strict=True):
+                p.add_(m / d)
+
+
+def mofo_param_groups(
+    model: nn.Module,
+    weight_decay: float = 0.0,
+    no_decay_keywords: Sequence[str] = ("norm", "ln_f"),
+) -> list[dict[str, Any]]:
+    """Named param groups for :class:`MoFO` from a model's trainable parameters.
+
+    Names carry the dense rule into the optimizer (``*bias*`` / ``*norm*`` take the full Adam step).
+    As in the official code, names containing ``norm`` / ``ln_f`` get no weight decay.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if any(key in name for key in no_decay_keywords) else decay).append((name, p))
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
