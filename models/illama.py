@@ -80,8 +80,9 @@ class SoftMaskAttention(nn.Module):
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, rate: float,
                 soft_mask: torch.Tensor | None) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = apply_rot_embed(q, sin, cos), apply_rot_embed(k, sin, cos)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rot_embed(qkv[:2], sin, cos).unbind(0)  # q and k rotated in one pass
+        v = qkv[2]
         if rate >= 1.0:  # bidirectional: identical in both modes
             out = F.scaled_dot_product_attention(q, k, v)
         elif soft_mask is None:  # strict: r·softmax(S) + (1-r)·softmax(S + causal bias)
