@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
 BOS, SEP, PAD = "<bos>", "|", "<pad>"
-TASKS = ("reverse", "modsum")
+TASKS = ("reverse", "modsum", "markov2")
 
 
 def symbol_tokenizer(num_symbols: int) -> PreTrainedTokenizerFast:
@@ -42,6 +42,49 @@ def answer(task: str, x: torch.Tensor, num_symbols: int) -> torch.Tensor:
     if task == "reverse":
         return x.flip(1)
     return (x + x.flip(1)) % num_symbols  # modsum
+
+
+def markov2_table(num_symbols: int, branching: int, seed: int) -> torch.Tensor:
+    """A random order-2 transition table [V, V, V]: each context (a, b) allows ``branching`` successors with
+    random (Dirichlet(1)) probabilities. The same ``seed`` gives the same language for every split."""
+    g = torch.Generator().manual_seed(seed)
+    v = num_symbols
+    table = torch.zeros(v, v, v)
+    successors = torch.rand(v, v, v, generator=g).argsort(-1)[..., :branching]
+    weights = -torch.rand(v, v, branching, generator=g).log()  # Exp(1) draws: a normalised vector is Dirichlet(1)
+    table.scatter_(-1, successors, weights / weights.sum(-1, keepdim=True))
+    return table
+
+
+def markov2_entropy(table: torch.Tensor) -> float:
+    """Mean next-token entropy (nats) under the chain's contexts, weighted uniformly: the floor of the loss."""
+    p = table.clamp_min(1e-12)
+    return float(-(table * p.log()).sum(-1).mean())
+
+
+class Markov2Strings(Dataset):
+    """Sequences of an order-2 Markov chain (``markov2_table``); every token after the first two is scored.
+
+    The next token is a random function of the previous two, so the model must attend to the previous token and
+    look the pair up in its MLP weights (V^2 contexts): a capacity-bound lookup whose loss never saturates.
+    """
+
+    def __init__(self, table: torch.Tensor, size: int, length: int, seed: int, first_symbol_id: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        v = table.shape[0]
+        x = torch.zeros(size, length, dtype=torch.long)
+        x[:, :2] = torch.randint(0, v, (size, 2), generator=g)
+        for t in range(2, length):
+            x[:, t] = torch.multinomial(table[x[:, t - 2], x[:, t - 1]], 1, generator=g).squeeze(1)
+        self.input_ids = x + first_symbol_id
+        self.labels = self.input_ids.clone()
+        self.labels[:, :2] = -100
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
 class TaskStrings(Dataset):
@@ -78,7 +121,8 @@ class AlgorithmicDataModule(L.LightningDataModule):
     """
 
     def __init__(self, task: str = "reverse", length: int = 15, num_symbols: int = 16, train_size: int = 20000,
-                 val_size: int = 512, batch_size: int = 32, seed: int = 0, shuffle: bool = True):
+                 val_size: int = 512, batch_size: int = 32, seed: int = 0, shuffle: bool = True,
+                 branching: int = 4):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"Unknown task {task!r}: use one of {TASKS}.")
@@ -89,10 +133,16 @@ class AlgorithmicDataModule(L.LightningDataModule):
         self.task, self.length, self.num_symbols = task, length, num_symbols
         self.train_size, self.val_size, self.batch_size = train_size, val_size, batch_size
         self.seed, self.shuffle = seed, shuffle
-        self.block_size = 2 * length + 2
+        self.branching = branching
+        self.block_size = length if task == "markov2" else 2 * length + 2
         self.tokenizer = symbol_tokenizer(num_symbols)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.task == "markov2":
+            table = markov2_table(self.num_symbols, self.branching, self.seed)
+            self.train_set = Markov2Strings(table, self.train_size, self.block_size, self.seed + 1)
+            self.val_set = Markov2Strings(table, self.val_size, self.block_size, self.seed + 2)
+            return
         self.train_set = TaskStrings(self.task, self.train_size, self.length, self.num_symbols, self.seed)
         self.val_set = TaskStrings(self.task, self.val_size, self.length, self.num_symbols, self.seed + 1)
 

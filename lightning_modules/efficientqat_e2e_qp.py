@@ -34,12 +34,14 @@ class EfficientQATE2EQP(CausalLM):
 
     Args:
         pretrained: a folder written by the Block-AP recipe (or ``methods.quantization.save_quantized``).
+        gradient_checkpointing: recompute activations in the backward pass (large models).
         optimizer, lr_scheduler: as for every recipe; the parameters are the scales only.
         export_dir: where the packed model with the trained scales is written.
     """
 
-    def __init__(self, pretrained: str, optimizer: OptimizerCallable = adamw_e2e,
-                 lr_scheduler: LRSchedulerCallable | None = None, export_dir: str | None = None):
+    def __init__(self, pretrained: str, gradient_checkpointing: bool = False,
+                 optimizer: OptimizerCallable = adamw_e2e, lr_scheduler: LRSchedulerCallable | None = None,
+                 export_dir: str | None = None):
         TrainModule.__init__(self, optimizer, lr_scheduler, export_dir)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         require_local_model(pretrained, "packed Block-AP model")
@@ -52,6 +54,8 @@ class EfficientQATE2EQP(CausalLM):
             layer.scales.data = layer.scales.data.float()
             layer.scales.requires_grad_(True)
         self.bits, self.group_size = self.quant_layers[0].bits, self.quant_layers[0].group_size
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
         self.val_ppl = Perplexity(ignore_index=-100)
         self.val_loss = MeanMetric()
         self._batch_start = None
