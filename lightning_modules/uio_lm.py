@@ -144,9 +144,11 @@ class UIOLM(TrainModule):
         for mode in self.eval_memory:
             logits = self.model(ids, memory=mode)
             loss = torch.nn.functional.cross_entropy(logits[labelled].float(), targets[labelled])
-            exact = ((logits.argmax(-1) == targets) | ~labelled).all(dim=1).float().mean()
+            hits = logits.argmax(-1) == targets
+            exact = (hits | ~labelled).all(dim=1).float().mean()
             kwargs = dict(batch_size=ids.shape[0], add_dataloader_idx=False)
             self.log(f"val/acc_{mode}@{length}", exact, **kwargs)
+            self.log(f"val/token_acc_{mode}@{length}", hits[labelled].float().mean(), **kwargs)
             self.log(f"val/loss_{mode}@{length}", loss, **kwargs)
             if mode == self.eval_memory[0] and dataloader_idx == 0:
                 self.log("val/loss", loss, prog_bar=True, **kwargs)
