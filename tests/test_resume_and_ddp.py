@@ -59,16 +59,18 @@ def train_subprocess(cwd, args: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ddp_two_processes_equal_one_process(tmp_path, tiny_lm_dir, small_corpus):
-    """Same global batch (8 = 1×8 = 2×4), unshuffled so both see the same samples: the all-reduced mean
+    """Same global batch (8 = 1×8 = 2×4). Lightning always gives DDP training a shuffling DistributedSampler
+    seeded by `seed_everything`; the single process runs under the same strategy with 1 device, so it draws
+    the same permutation and its batch of 8 is exactly the union of the two ranks' 4. The all-reduced mean
     gradient equals the single-process one up to float summation order. Plain SGD, so that the comparison
     is of the gradients themselves (Adam's m/√v would blow float noise of near-zero gradients up to ±lr)."""
     common = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--checkpoint.monitor=null",
-              "--data.init_args.shuffle=false", "--trainer.accelerator=cpu",
+              "--trainer.accelerator=cpu", "--trainer.strategy=ddp",
               "--model.init_args.optimizer=torch.optim.SGD", "--model.init_args.optimizer.init_args.lr=0.5"]
     single = tiny_fit_args(tiny_lm_dir, small_corpus, *common, "--data.init_args.batch_size=8",
-                           "--trainer.default_root_dir=one", "--model.init_args.export_dir=one/model")
+                           "--trainer.devices=1", "--trainer.default_root_dir=one", "--model.init_args.export_dir=one/model")
     ddp = tiny_fit_args(tiny_lm_dir, small_corpus, *common, "--data.init_args.batch_size=4",
-                        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.default_root_dir=two",
+                        "--trainer.devices=2", "--trainer.default_root_dir=two",
                         "--model.init_args.export_dir=two/model")
     train_subprocess(tmp_path, single)
     train_subprocess(tmp_path, ddp)
