@@ -4,7 +4,9 @@
 2. inference of the merged MoSLoRA model (merge_and_unload) / the base model.
 
 The two sides of each ratio run interleaved (A, B, A, B, ...) on the same inputs, and the ratio reported is the
-median of the per-round ratios, so that load from other processes hits both sides alike.
+median of the per-round ratios, so that load from other processes hits both sides alike. On CPU the clock is
+this process's CPU time (`--clock process`), which other processes' load on a shared machine barely moves;
+on CUDA it is wall time after a synchronize.
 
     python benchmarks/moslora_step.py                      # a LLaMA of width 512 x 4 layers on CPU
     python benchmarks/moslora_step.py --hidden 2048 --layers 8 --seq 1024 --batch 8 --device cuda --dtype bfloat16
@@ -33,24 +35,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], None], device: str) -> float:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def timed(fn: Callable[[], None], device: str, clock: Callable[[], float]) -> float:
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def interleaved_ratio(a: Callable[[], None], b: Callable[[], None], rounds: int, warmup: int, device: str) -> dict:
+def interleaved_ratio(a: Callable[[], None], b: Callable[[], None], rounds: int, warmup: int, device: str,
+                      clock: Callable[[], float]) -> dict:
     """Median over rounds of time(a) / time(b), the two run back to back in alternating order."""
     for _ in range(warmup):
         a(), b()
     ratios, times_a, times_b = [], [], []
     for i in range(rounds):
         if i % 2 == 0:
-            ta, tb = timed(a, device), timed(b, device)
+            ta, tb = timed(a, device, clock), timed(b, device, clock)
         else:
-            tb, ta = timed(b, device), timed(a, device)
+            tb, ta = timed(b, device, clock), timed(a, device, clock)
         ratios.append(ta / tb), times_a.append(ta), times_b.append(tb)
     return {"ratio": statistics.median(ratios), "ms_a": 1e3 * statistics.median(times_a),
             "ms_b": 1e3 * statistics.median(times_b)}
@@ -76,7 +82,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None,
+                        help="default: process CPU time on CPU, wall time on CUDA")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     args = parser.parse_args()
+    clock_name = args.clock or ("wall" if args.device.startswith("cuda") else "process")
+    clock = CLOCKS[clock_name]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
     torch.manual_seed(0)
@@ -93,7 +106,7 @@ def main() -> None:
     opt_lora = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
     opt_mos = torch.optim.AdamW([p for p in mos.parameters() if p.requires_grad], lr=1e-4)
     step = interleaved_ratio(train_step(mos, batch, opt_mos), train_step(lora, batch, opt_lora),
-                             args.rounds, args.warmup, args.device)
+                             args.rounds, args.warmup, args.device, clock)
     del lora, opt_lora, opt_mos
 
     merged = mos.merge_and_unload().eval()
@@ -103,10 +116,10 @@ def main() -> None:
     def infer(model: torch.nn.Module) -> Callable[[], None]:
         return lambda: model(input_ids=ids)
 
-    infer_ratio = interleaved_ratio(infer(merged), infer(base), args.rounds, args.warmup, args.device)
+    infer_ratio = interleaved_ratio(infer(merged), infer(base), args.rounds, args.warmup, args.device, clock)
     result = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "dtype": args.dtype, "model": f"LLaMA hidden={args.hidden} layers={args.layers}",
+        "dtype": args.dtype, "clock": clock_name, "threads": torch.get_num_threads(), "model": f"LLaMA hidden={args.hidden} layers={args.layers}",
         "batch": [args.batch, args.seq], "r": args.r, "targets": TARGETS,
         "train_step_moslora_over_lora": round(step["ratio"], 4),
         "train_step_ms": {"moslora": round(step["ms_a"], 2), "lora": round(step["ms_b"], 2)},
