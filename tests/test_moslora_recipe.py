@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
