@@ -107,7 +107,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--grad-sets", type=int, default=4)
     ap.add_argument("--reference", action="store_true", help="also time the official topk threshold")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fraction {args.fraction}")
     print("| model | params | AdamW foreach ms | MoFO ms | MoFO / AdamW |" + (" topk MoFO ms | topk / AdamW |"

@@ -23,6 +23,7 @@ with the same number of entries are stacked so each pass is one kernel for all o
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -34,6 +35,9 @@ _SMALL_ROW = 4096  # rows this short take torch.kthvalue directly
 _SAMPLE = 2048  # sample size per row for the initial bracket
 _BRACKET_SIGMAS = 3.0  # half-width of the sample bracket, in binomial standard deviations
 _STACK_CAP = 1 << 25  # at most this many entries stacked per pass (bounds the scratch memory)
+_END_GAME = 16  # bracket holding this few values: plain interpolation of their order
+_F32, _U32 = struct.Struct("<f"), struct.Struct("<I")
+_NUMPY_ON_CPU = True  # count with NumPy on CPU tensors (tests turn it off to exercise the torch path)
 
 
 def _sample_index(numel: int, device: torch.device) -> Tensor:
@@ -42,18 +46,32 @@ def _sample_index(numel: int, device: torch.device) -> Tensor:
     return torch.randperm(numel, generator=gen)[:_SAMPLE].sort().values.to(device)
 
 
-def _count_ge(a: Tensor, t: Tensor, scratch: Tensor, rows: list[int] | None = None) -> Tensor:
-    """Exact ``#{a[i, :] >= t[i]}`` per row (only ``rows`` when given; the others come back as 0), by a
-    dense compare into a float buffer and a float sum: bool reductions are several times slower on
-    CPU. Sums of 0/1 are exact in fp32 up to 2^24 entries, in fp64 beyond."""
-    acc = torch.float32 if a.shape[1] <= (1 << 24) else torch.float64
-    if rows is None:
-        torch.ge(a, t.unsqueeze(1), out=scratch)
-        return scratch.sum(1, dtype=acc).to(torch.float64)
-    counts = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
-    for i in rows:
-        torch.ge(a[i], t[i], out=scratch[i])
-        counts[i] = scratch[i].sum(dtype=acc)
+def _count_ge(a: Tensor, t: list[float], scratch: Tensor, rows: list[int] | None = None) -> list[int]:
+    """Exact ``#{a[i, :] >= t[i]}`` for each row in ``rows`` (all when ``None``; the others come back 0).
+
+    CPU: NumPy's SIMD compare into a byte buffer and ``count_nonzero``; about twice as fast as torch's
+    compare-and-sum, and torch's bool reductions are slower still. Elsewhere: a torch compare into a float
+    buffer and a float sum (exact in fp32 up to 2^24 entries, fp64 beyond).
+    """
+    n_rows, n = a.shape
+    rows = list(range(n_rows)) if rows is None else rows
+    counts = [0] * n_rows
+    if a.device.type == "cpu" and _NUMPY_ON_CPU:
+        values, flags = a.numpy(), scratch.numpy().view(np.bool_)[:, :n]
+        for i in rows:
+            np.greater_equal(values[i], np.float32(t[i]), out=flags[i])
+            counts[i] = int(np.count_nonzero(flags[i]))
+        return counts
+    acc = torch.float32 if n <= (1 << 24) else torch.float64
+    thresholds = torch.tensor(t, dtype=a.dtype, device=a.device).unsqueeze(1)
+    if len(rows) == n_rows:
+        torch.ge(a, thresholds, out=scratch)
+        return [round(c) for c in scratch.sum(1, dtype=acc).tolist()]
+    index = torch.tensor(rows, device=a.device)
+    sub = a.index_select(0, index)
+    torch.ge(sub, thresholds.index_select(0, index), out=sub)
+    for i, c in zip(rows, sub.sum(1, dtype=acc).tolist(), strict=True):
+        counts[i] = round(c)
     return counts
 
 
@@ -72,6 +90,7 @@ class _RowSearch:
         self.kept = 0  # +1: lo moved last, -1: hi moved last
         self.gaps = [n, n]
         self.lo_counted = False
+        self.wide_slope: float | None = None
         self.probed = False  # the last point tested an end of the bracket
         self.boost = 1.25  # Newton overshoot, doubled after each step that fails to cross k
 
@@ -94,8 +113,16 @@ class _RowSearch:
             return
         gap = self.c_lo - self.c_hi
         self.gaps.append(gap)
-        probe, self.probed = empty and not self.probed and self.lo_counted and math.isfinite(self.hi), False
-        if probe:  # the values may all sit at one end of the bracket (e.g. a pile of zeros): test it
+        bracketed = self.lo_counted and math.isfinite(self.hi)
+        if bracketed and self.wide_slope is None and self.hi > self.lo:
+            self.wide_slope = gap / (self.hi - self.lo)  # the density over the first, widest bracket
+        probe, self.probed = empty and not self.probed and bracketed and gap > _END_GAME, False
+        if bracketed and gap <= _END_GAME and gap < self.gaps[-3]:
+            # a few values left in the bracket, at unknown places: aim at the expected position of the
+            # boundary between the k-th and (k+1)-th under uniform spacing (Illinois would skew it);
+            # when two counts leave the gap unchanged (tied values), the bit bisection below takes over
+            nxt = self.lo + (self.hi - self.lo) * (self.c_lo - k + 0.5) / (gap + 1)
+        elif probe:  # the values may all sit at one end of the bracket (e.g. a pile of zeros): test it
             nxt = _next_up(self.lo) if c < k else _next_down(self.hi)
             self.probed = True
         elif self.lo_counted and math.isfinite(self.hi):  # both ends counted
@@ -115,21 +142,35 @@ class _RowSearch:
 
 
 def _f32(x: float) -> float:
-    return float(np.float32(x))
+    """x rounded to the nearest fp32 value (struct is ~10x cheaper than NumPy scalars here)."""
+    if not abs(x) <= 3.4028234663852886e38:  # beyond fp32 (or nan): pack would raise
+        return math.copysign(math.inf, x) if not math.isnan(x) else x
+    return _F32.unpack(_F32.pack(x))[0]
+
+
+def _bits(x: float) -> int:
+    return _U32.unpack(_F32.pack(x))[0]
+
+
+def _from_bits(b: int) -> float:
+    return _F32.unpack(_U32.pack(b))[0]
 
 
 def _bits_mid(lo: float, hi: float) -> float:
-    """The float whose bit pattern is halfway between those of the non-negative fp32 lo and hi."""
-    a, b = np.float32(lo).view(np.int32), np.float32(hi).view(np.int32)
-    return float(np.int32((int(a) + int(b)) // 2).view(np.float32))
+    """The fp32 value whose bit pattern is halfway between those of the non-negative fp32 lo and hi."""
+    return _from_bits((_bits(lo) + _bits(hi)) // 2)
 
 
 def _next_up(x: float) -> float:
-    return float(np.nextafter(np.float32(x), np.float32(np.inf)))
+    """The next fp32 value above the non-negative fp32 x (+inf stays +inf)."""
+    return x if math.isinf(x) else _from_bits(_bits(x) + 1)
 
 
 def _next_down(x: float) -> float:
-    return float(np.nextafter(np.float32(x), np.float32(0.0)))
+    """The next fp32 value below the fp32 x >= 0, toward 0 (0 stays 0; +inf gives the largest float)."""
+    if x <= 0.0:
+        return 0.0
+    return _from_bits(0x7F7FFFFF) if math.isinf(x) else _from_bits(_bits(x) - 1)
 
 
 def topk_threshold(
@@ -146,10 +187,11 @@ def topk_threshold(
     same set, so the search stops at the first t whose count is k. The thresholds come back as
     Python floats (exact fp32 values), with a hint for the next call on slowly changing rows.
 
-    Search: the sorted sample gives a first guess and the density of values near it; with a hint
-    (the previous call's τ, sample value and density), the guess is the previous τ scaled by how the
-    sample moved, which is far closer. Then secant steps on exact counts inside the bracket, and
-    bisection whenever two counts fail to halve the bracket's count. The search path never changes
+    Search: the first guess and the density of values near it (counts per unit of value) come from the
+    hint (the previous call's τ and density, rescaled by the change of the row's mean; for rows that
+    change slowly such as Adam's m) or else from
+    a sorted sample of the row. Then Newton steps until both sides of k are counted, Illinois regula
+    falsi inside the bracket, and float-bit bisection when that stalls. The search path never changes
     the result, only its cost.
 
     Args:
@@ -167,40 +209,38 @@ def topk_threshold(
         return tau, [(t, math.nan, math.nan) for t in tau]
     if scratch is None:
         scratch = torch.empty_like(a)
-    if index is None:
-        index = _sample_index(n, a.device)
-    s = index.numel()
-    rank = k * s / n  # expected 1-based position of the k-th largest value in the sorted sample
-    width = max(2, math.ceil(3 * math.sqrt(s * (k / n) * (1 - k / n))))
-    j = min(max(round(rank) - 1, 0), s - 1)
-    j1, j2 = max(j - width, 0), min(j + width, s - 1)
-    sample = a.index_select(1, index).sort(dim=1, descending=True).values
-    at_j, at_j1, at_j2 = sample[:, [j, j1, j2]].double().T.tolist()
-    searches = []
-    for i in range(n_rows):
-        t = at_j[i]
-        slope = (j2 - j1) * (n / s) / (at_j1[i] - at_j2[i]) if at_j1[i] > at_j2[i] else math.nan
-        if hint is not None:
-            prev_tau, prev_at_j, prev_slope = hint[i]
-            if prev_at_j > 0 and at_j[i] > 0 and math.isfinite(prev_slope):
-                scale = at_j[i] / prev_at_j
-                t, slope = prev_tau * scale, prev_slope / scale
-        searches.append(_RowSearch(n, k, t, slope))
+    means = a.mean(1, dtype=torch.float64).tolist()  # the scale of each row, to carry a hint over
+    warm = hint is not None and all(tau > 0 and math.isfinite(slope) and slope > 0 and mean > 0
+                                    for tau, slope, mean in hint) and all(m > 0 for m in means)
+    if warm:  # the previous τ and density, rescaled by how the row's mean moved (m drifts slowly)
+        searches = [_RowSearch(n, k, tau * now / mean, slope * mean / now)
+                    for (tau, slope, mean), now in zip(hint, means, strict=True)]
+    else:  # a sorted sample of each row: its quantile at k/N and the density of values around it
+        index = _sample_index(n, a.device) if index is None else index
+        s = index.numel()
+        rank = k * s / n  # expected 1-based position of the k-th largest value in the sorted sample
+        width = max(2, math.ceil(3 * math.sqrt(s * (k / n) * (1 - k / n))))
+        j = min(max(round(rank) - 1, 0), s - 1)
+        j1, j2 = max(j - width, 0), min(j + width, s - 1)
+        sample = a.index_select(1, index).sort(dim=1, descending=True).values
+        at_j, at_j1, at_j2 = sample[:, [j, j1, j2]].double().T.tolist()
+        searches = []
+        for i in range(n_rows):
+            slope = (j2 - j1) * (n / s) / (at_j1[i] - at_j2[i]) if at_j1[i] > at_j2[i] else math.nan
+            searches.append(_RowSearch(n, k, at_j[i], slope))
     active = list(range(n_rows))
     for _ in range(512):  # bisection alone ends within ~70 counts (the bits of a float interval)
-        t = torch.tensor([r.t for r in searches], dtype=a.dtype, device=a.device)
-        counts = _count_ge(a, t, scratch, None if len(active) == n_rows else active).tolist()
+        counts = _count_ge(a, [r.t for r in searches], scratch, None if len(active) == n_rows else active)
         for i in active:
-            searches[i].update(round(counts[i]))
+            searches[i].update(counts[i])
         active = [i for i in active if not searches[i].done()]
         if not active:
             break
     else:  # pragma: no cover
         raise RuntimeError("MoFO threshold search did not converge")
     tau = [r.lo for r in searches]
-    slopes = [(r.c_lo - r.c_hi) / (r.hi - r.lo) if r.lo_counted and math.isfinite(r.hi) and r.hi > r.lo
-              else r.slope for r in searches]
-    return tau, [(r.lo, at_j[i], sl) for i, (r, sl) in enumerate(zip(searches, slopes, strict=True))]
+    slopes = [r.wide_slope if r.wide_slope else r.slope for r in searches]
+    return tau, list(zip(tau, slopes, means, strict=True))
 
 
 def _is_dense(name: str | None, param: Tensor, dense_keywords: Sequence[str]) -> bool:
@@ -259,7 +299,7 @@ class MoFO(torch.optim.Optimizer):
                 )
         self._scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._index: dict[tuple, Tensor] = {}
-        self._hints: dict[tuple, list[tuple[float, float, float]]] = {}  # search warm starts
+        self._hints: dict[tuple, list[tuple[float, float, float]]] = {}  # (τ, density, mean) per row
 
     # ----------------------------------------------------------------------------------------- state
     def _init_state(self, p: Tensor) -> dict[str, Tensor]:

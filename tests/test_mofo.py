@@ -216,3 +216,16 @@ def test_lightning_fine_tune_stays_closer_to_the_start():
     (start, adamw_loss, adamw_dist), (_, mofo_loss, mofo_dist) = results["adamw"], results["mofo"]
     assert mofo_loss < 0.25 * start and adamw_loss < 0.25 * start  # both fit the new task
     assert mofo_dist < 0.75 * adamw_dist  # MoFO moves far less from the starting weights (measured: 0.65)
+
+
+def test_torch_count_path_selects_the_same_set(monkeypatch):
+    """The GPU code path (torch compare-and-sum instead of NumPy), run on CPU."""
+    import methods.mofo as mofo
+
+    monkeypatch.setattr(mofo, "_NUMPY_ON_CPU", False)
+    a = torch.randn(4, 70000, generator=torch.Generator().manual_seed(3)).abs()
+    tau, hint = topk_threshold(a, 9000)
+    assert torch.equal(a >= torch.tensor(tau).unsqueeze(1), a >= a.topk(9000, dim=1).values[:, -1:])
+    b = a * 1.1 + 0.01 * torch.rand_like(a)  # a warm start from the previous call's hint
+    tau, _ = topk_threshold(b, 9000, hint=hint)
+    assert torch.equal(b >= torch.tensor(tau).unsqueeze(1), b >= b.topk(9000, dim=1).values[:, -1:])
