@@ -75,7 +75,7 @@ def main() -> None:
         gap = rtn_ppl - fp_ppl
         rows.append(f"| RTN | {name} | {rtn_ppl:.3f} | {100 * rtn_acc:.1f} | 0% | {rtn_size / 1024:.0f} KiB "
                     f"({rtn_size / fp16_size:.2f}x) |")
-        for label, folder in zip(("Block-AP", "Block-AP + E2E-QP"), folders.split(",")):
+        for label, folder in zip(("Block-AP", "Block-AP + E2E-QP"), folders.split(","), strict=False):
             if not folder or not Path(folder).exists():
                 continue
             ppl, acc = evaluate(load_quantized(folder), loader)
