@@ -91,9 +91,9 @@ class SparsitySearch(L.Callback):
             raise ValueError("SparsitySearch recalibrates BatchNorm on rank 0 only, which SyncBatchNorm would turn "
                              "into a collective: set `trainer.sync_batchnorm: false`.")
 
-    def _calibration(self, trainer: L.Trainer, pl_module: L.LightningModule):
+    def _calibration(self, trainer: L.Trainer, pl_module: L.LightningModule, limit: int | None):
         source = trainer.datamodule if trainer.datamodule is not None else pl_module
-        batches = _FirstBatches(source.train_dataloader(), self.calibration_batches)
+        batches = _FirstBatches(source.train_dataloader(), limit)
         return list(batches) if self.cache_batches else batches
 
     def search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[dict[str, float], float]:
@@ -101,7 +101,11 @@ class SparsitySearch(L.Callback):
         net = self._network(pl_module)
         names = list(layer_sparsities(net))
         numels = [net.get_submodule(n).weight.numel() for n in names]
-        batches = self._calibration(trainer, pl_module)
+        population, generations, limit = self.population_size, self.generations, self.calibration_batches
+        if trainer.fast_dev_run:  # exercise the path, not the budget: 2 candidates on one batch
+            population, generations, limit = 2, 0, 1
+            rank_zero_info("SparsitySearch: fast_dev_run, searching 2 candidates on 1 batch")
+        batches = self._calibration(trainer, pl_module, limit)
         noise = torch.Generator().manual_seed(self.seed)
         was_training = net.training
 
@@ -114,8 +118,8 @@ class SparsitySearch(L.Callback):
         start = time.perf_counter()
         cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # the fitness noise leaves the training RNG untouched
-            found = evolutionary_search(numels, fitness, self.target, self.delta, self.population_size,
-                                        self.generations, self.num_parents, self.mutation_prob, self.seed,
+            found = evolutionary_search(numels, fitness, self.target, self.delta, population, generations,
+                                        min(self.num_parents, population), self.mutation_prob, self.seed,
                                         log=rank_zero_info)
         net.train(was_training)
         rank_zero_info(f"SparsitySearch: {found.evaluations} candidates in {time.perf_counter() - start:.1f}s, "
