@@ -133,6 +133,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--skip-loop", action="store_true", help="leave out the plain loop (slow at 2 threads)")
     p.add_argument("--_memory-probe", dest="probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -141,6 +142,8 @@ def main() -> None:
         return _memory_probe(args.probe, args)
 
     impls = dict(IMPLS)
+    if args.skip_loop:
+        impls.pop("plain loop")
     if pscan is None:
         print("mambapy is not installed (pip install mambapy): skipping the pscan peer")
         impls.pop("mambapy pscan")

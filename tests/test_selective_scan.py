@@ -45,7 +45,7 @@ def assert_matches_reference(inputs, **kwargs):
 @pytest.mark.parametrize(
     "batch,di,length,n,chunk_size",
     [(2, 8, 1, 4, 16), (2, 8, 37, 4, 16), (1, 6, 64, 16, 16), (3, 5, 100, 8, 7), (2, 4, 127, 16, 1),
-     (1, 3, 208, 16, 64), (2, 4, 50, 2, 500)],
+     (1, 3, 208, 16, 64), (2, 4, 50, 2, 500), (3, 700, 20, 16, 8)],  # the last: per-step ops in 2 row blocks
 )
 def test_fast_scan_equals_sequential_reference(batch, di, length, n, chunk_size):
     assert_matches_reference(make_inputs(batch, di, length, n, seed=length), chunk_size=chunk_size)
