@@ -39,3 +39,15 @@ class WarmupCosine(LambdaLR):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.__dict__.update({k: v for k, v in state_dict.items() if k != "lr_lambdas"})
+
+
+class WarmupLinear(WarmupCosine):
+    """Linear warmup, then linear decay to ``min_lr_ratio`` × the base lr (transformers' ``linear`` schedule)."""
+
+    def factor(self, step: int) -> float:
+        total = self.total_steps or 1
+        warmup = self.warmup_steps * total if isinstance(self.warmup_steps, float) else self.warmup_steps
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * (1.0 - progress)
