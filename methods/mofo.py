@@ -12,12 +12,12 @@ Each parameter tensor is one partition. At step t, with fraction α:
 Tensors named ``*bias*`` / ``*norm*`` take the full Adam step, so α = 1 is exactly AdamW.
 
 Speed. ``torch.topk`` / ``kthvalue`` on |m| cost several AdamW steps on CPU, and compaction
-(boolean indexing, ``nonzero``) is no better. The threshold here uses only dense vectorised
-compare-and-sum passes: a fixed random sample of |m| brackets the k-th largest value, and a
-safeguarded interpolation search on exact counts ``#{|m| ≥ t}`` closes the bracket until it holds
-exactly k entries (or the bracket is one float wide: a tie). The result is the exact top-k set,
-and deterministic, so every DDP rank (same all-reduced gradients) makes the same update. Tensors
-with the same number of entries are stacked so each pass is one kernel for all of them.
+(boolean indexing, ``nonzero``) is no better. ``topk_threshold`` uses only dense compare-and-count
+passes: a first guess from the previous step's threshold (or, cold, a fixed random sample of |m|),
+then a safeguarded search on exact counts ``#{|m| >= t}`` until the count is exactly k (or the bracket
+is one float wide: a tie). The selected set is exactly the top-k (+ ties) whatever path the search
+took, so resumed runs and DDP ranks (same all-reduced gradients) make the same update. Tensors with
+the same number of entries are stacked so each pass covers all of them.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 
 _SMALL_ROW = 4096  # rows this short take torch.kthvalue directly
-_SAMPLE = 2048  # sample size per row for the initial bracket
-_BRACKET_SIGMAS = 3.0  # half-width of the sample bracket, in binomial standard deviations
+_SAMPLE = 2048  # sample size per row for the cold-start guess
 _STACK_CAP = 1 << 25  # at most this many entries stacked per pass (bounds the scratch memory)
 _END_GAME = 16  # bracket holding this few values: plain interpolation of their order
+_EXTRACT = 64  # bracket holding this few values: extract them and take the k-th directly
 _F32, _U32 = struct.Struct("<f"), struct.Struct("<I")
 _NUMPY_ON_CPU = True  # count with NumPy on CPU tensors (tests turn it off to exercise the torch path)
 
@@ -73,6 +73,22 @@ def _count_ge(a: Tensor, t: list[float], scratch: Tensor, rows: list[int] | None
     for i, c in zip(rows, sub.sum(1, dtype=acc).tolist(), strict=True):
         counts[i] = round(c)
     return counts
+
+
+def _kth_in_bracket(a: Tensor, i: int, lo: float, hi: float, j: int, scratch: Tensor) -> float:
+    """The j-th largest (1-based) value of row i among those in [lo, hi), by extracting them: one pass,
+    cheaper than the handful of counts that pin down the last few values at random places."""
+    if a.device.type == "cpu" and _NUMPY_ON_CPU:
+        row, flags = a.numpy()[i], scratch.numpy().view(np.bool_)[i, : a.shape[1]]
+        above = scratch.numpy().view(np.bool_)[i, a.shape[1] : 2 * a.shape[1]]
+        np.greater_equal(row, np.float32(lo), out=flags)
+        np.less(row, np.float32(hi), out=above)
+        np.logical_and(flags, above, out=flags)
+        values = np.sort(row[flags])
+        return float(values[values.size - j])
+    row = a[i]
+    values = row[(row >= lo) & (row < hi)].sort().values
+    return float(values[values.numel() - j])
 
 
 class _RowSearch:
@@ -232,7 +248,11 @@ def topk_threshold(
     for _ in range(512):  # bisection alone ends within ~70 counts (the bits of a float interval)
         counts = _count_ge(a, [r.t for r in searches], scratch, None if len(active) == n_rows else active)
         for i in active:
-            searches[i].update(counts[i])
+            r = searches[i]
+            r.update(counts[i])
+            if not r.done() and r.lo_counted and math.isfinite(r.hi) and r.c_lo - r.c_hi <= _EXTRACT:
+                # a few values left between the bracket's ends: take the k-th largest directly
+                r.lo, r.c_lo = _kth_in_bracket(a, i, r.lo, r.hi, k - r.c_hi, scratch), k
         active = [i for i in active if not searches[i].done()]
         if not active:
             break
