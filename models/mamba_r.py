@@ -78,7 +78,7 @@ class BiMambaMixer(nn.Module):
 
     def __init__(self, dim: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, dt_rank: int | str = "auto",
                  dt_min: float = 1e-3, dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_impl: str = "auto",
-                 scan_chunk_size: int = 16):
+                 scan_chunk_size: int = 64):
         super().__init__()
         if scan_impl not in IMPLEMENTATIONS:
             raise ValueError(f"scan_impl={scan_impl!r} is not one of {IMPLEMENTATIONS}")
@@ -163,7 +163,7 @@ class MambaR(nn.Module):
                  num_classes: int = 1000, embed_dim: int = 192, depth: int = 24, num_registers: int = 12,
                  cls_reduce: int = 1, d_state: int = 16, expand: int = 2, d_conv: int = 4, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-5, dynamic_img_size: bool = False,
-                 scan_impl: str = "auto", scan_chunk_size: int = 16):
+                 scan_impl: str = "auto", scan_chunk_size: int = 64):
         super().__init__()
         if num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")

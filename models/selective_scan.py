@@ -215,7 +215,7 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     impl: str = "auto",
-    chunk_size: int = 16,
+    chunk_size: int = 64,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan with mamba-ssm's `selective_scan_ref` semantics; returns y (batch, Di, L) in u's dtype.
 
