@@ -5,7 +5,7 @@ state is alive at a time and the activation caches have a fixed size (samples x 
 
 Each depth runs the Block-AP recipe (Lightning Trainer, CPU) in a fresh process on a random LLaMA with
 hidden 512 / MLP 1536 (3.1M parameters, 12.6 MB fp32 per block) and 64 random 64-token samples. Reported:
-the process's resident memory when training starts (model + caches), the peak during training (``VmHWM``
+the process's resident memory when training starts (model, made resident, + caches), the peak during training (``VmHWM``
 after resetting it through /proc/self/clear_refs at the first step), and their difference: the training state
 (one block's weights, gradients, AdamW moments, s and z, one batch of activations).
 On a GPU the same recipe keeps only the current block on the device; there the difference is the device peak.
@@ -54,6 +54,8 @@ LlamaForCausalLM(cfg).save_pretrained(folder)
 model_mib = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters()) * 4 / 2**20
 probe = Probe()
 module = EfficientQATBlockAP(folder, bits=2, group_size=64, epochs_per_block=1)
+for p in module.lm.parameters():  # make the (memory-mapped) weights resident, so "start" includes the model
+    p.data = p.data.clone()
 trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[probe])
 trainer.fit(module, datamodule=Data())
