@@ -53,6 +53,7 @@ class ImageDataModule(L.LightningDataModule):
         image_size: side of the square network input.
         auto_augment: timm RandAugment spec for training, e.g. ``rand-m9-mstd0.5-inc1``; ``None`` for none.
         re_prob: random-erasing probability. ``scale``: RandomResizedCrop area range. ``hflip``: flip probability.
+        eval_crop_pct: centre-crop fraction for evaluation (ImageNet recipes use 0.875; digits 1.0).
         limit_train: keep a seeded random subset of this many training images (e.g. a calibration set).
         num_classes: filled from the data at setup (10 for digits).
     """
@@ -62,7 +63,7 @@ class ImageDataModule(L.LightningDataModule):
                  hflip: float = 0.0, interpolation: str = "bilinear", mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
                  std: tuple[float, ...] = IMAGENET_DEFAULT_STD, val_fraction: float = 0.2, limit_train: int | None = None,
                  train_split: str = "train", val_split: str = "validation", seed: int = 1234, shuffle: bool = True,
-                 num_workers: int = 0):
+                 num_workers: int = 0, eval_crop_pct: float = 1.0):
         super().__init__()
         self.source, self.image_size, self.batch_size = source, image_size, batch_size
         self.val_fraction, self.limit_train, self.seed, self.shuffle = val_fraction, limit_train, seed, shuffle
@@ -70,7 +71,7 @@ class ImageDataModule(L.LightningDataModule):
         common = dict(input_size=(3, image_size, image_size), interpolation=interpolation, mean=mean, std=std)
         self.train_transform = create_transform(**common, is_training=True, auto_augment=auto_augment,
                                                 re_prob=re_prob, scale=scale, hflip=hflip)
-        self.eval_transform = create_transform(**common, is_training=False, crop_pct=1.0)
+        self.eval_transform = create_transform(**common, is_training=False, crop_pct=eval_crop_pct)
         if source.startswith((".", "/", "~")) and not Path(source).expanduser().is_dir():
             raise FileNotFoundError(f"Image folder {source!r} does not exist. Give an ImageFolder root, "
                                     "'hfds/<name>' for a hub dataset, or 'builtin:digits'.")
