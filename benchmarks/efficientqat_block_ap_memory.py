@@ -1,7 +1,10 @@
 """Block-AP peak memory against the number of blocks: it should stay flat, because only one block's training
 state is alive at a time and the activation caches have a fixed size (samples x tokens x hidden).
 
-    python benchmarks/efficientqat_block_ap_memory.py [--depths 1 2 4 8]
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/efficientqat_block_ap_memory.py [--depths 1 2 4 8]
+
+(The fixed mmap threshold returns freed block-sized tensors to the OS; with glibc's dynamic threshold heap
+fragmentation makes the CPU peak creep up with depth, an allocator effect rather than retained state.)
 
 Each depth runs the Block-AP recipe (Lightning Trainer, CPU) in a fresh process on a random LLaMA with
 hidden 512 / MLP 1536 (3.1M parameters, 12.6 MB fp32 per block) and 64 random 64-token samples. Reported:
