@@ -17,7 +17,7 @@ from callbacks.finite_loss_guard import FiniteLossGuard
 from tests.conftest import REPO, run_cli
 
 CONFIGS = REPO / "configs"
-FRAGMENTS = sorted([*(CONFIGS / "trainer").glob("*.yaml"), *(CONFIGS / "data").glob("*.yaml")])
+FRAGMENTS = sorted(p for d in ("trainer", "data", "callbacks") for p in (CONFIGS / d).glob("*.yaml"))
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
 FULL = sorted((CONFIGS / "full").glob("*.yaml"))
 ARTIFACT = re.compile(r"['\"]?(artifacts/[\w./-]+)")
