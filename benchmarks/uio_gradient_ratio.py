@@ -90,9 +90,9 @@ def main() -> None:
     print("| S | variant | \\|E g\\| / \\|g_full\\| | cos(E g, g_full) | E\\|g\\| / \\|g_full\\| |")
     print("|---|---|---|---|---|")
     for window in args.windows:
-        variants = [("reservoir, with factor", lambda: ReservoirSampler(window, seed=args.seed), True),
-                    ("reservoir, no factor (released code)", lambda: ReservoirSampler(window, seed=args.seed), False),
-                    ("recency TBPTT", lambda: RecencyWindow(window), False)]
+        variants = [("reservoir, with factor", lambda window=window: ReservoirSampler(window, seed=args.seed), True),
+                    ("reservoir, no factor (released code)", lambda window=window: ReservoirSampler(window, seed=args.seed), False),
+                    ("recency TBPTT", lambda window=window: RecencyWindow(window), False)]
         for name, policy, compensate in variants:
             tbptt = IncrementalTBPTT(policy(), compensate=compensate)
             draws = 1 if name == "recency TBPTT" else args.draws

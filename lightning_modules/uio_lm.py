@@ -132,7 +132,7 @@ class UIOLM(TrainModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
-        for param, grad in zip(params, flat.split([p.numel() for p in params])):
+        for param, grad in zip(params, flat.split([p.numel() for p in params]), strict=True):
             param.grad = grad.view_as(param).to(param.dtype)
 
     # ---------------------------------------------------------------------------------------- evaluation

@@ -64,7 +64,7 @@ class IncrementalTBPTT:
             leaf.grad = None
         self.backward(loss)
         factor = self.policy.compensation(len(self.leaves)) if self.compensate else 1.0
-        for leaf, old in zip(self.leaves, stashed):
+        for leaf, old in zip(self.leaves, stashed, strict=True):
             fresh = leaf.grad
             if fresh is not None and factor != 1.0:
                 fresh = fresh * factor

@@ -21,10 +21,9 @@ segment x_t ──► decoder = base (own tokens: base weights) ─ attends to �
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -49,12 +48,12 @@ def max_context_length(segment_length: int, num_memory_tokens: int, max_position
 
 def encoder_attention_mask(segment_length: int, num_memory_tokens: int) -> Tensor:
     """Boolean [l+m, l+m] mask (True = may attend): causal tokens; <mem> i sees [0, (i+1)·l/m) and itself."""
-    l, m = segment_length, num_memory_tokens
-    mask = torch.ones(l + m, l + m, dtype=torch.bool).tril()
-    mask[l:, l:] = torch.eye(m, dtype=torch.bool)
-    stride = l // m
+    seg, m = segment_length, num_memory_tokens
+    mask = torch.ones(seg + m, seg + m, dtype=torch.bool).tril()
+    mask[seg:, seg:] = torch.eye(m, dtype=torch.bool)
+    stride = seg // m
     for i in range(m):
-        mask[l + i, (i + 1) * stride:l] = False
+        mask[seg + i, (i + 1) * stride:seg] = False
     return mask
 
 
@@ -212,7 +211,7 @@ class MemoryLM(nn.Module):
         positions = torch.arange(length, device=states.device)[None]
         cos, sin = self.base.model.rotary_emb(states[0], positions)
         cache = []
-        for layer, h in zip(self.layers, states):
+        for layer, h in zip(self.layers, states, strict=True):
             attn = layer.self_attn
             shape = (batch, length, -1, attn.head_dim)
             k = _project(attn.k_proj, h, TRANSFER_ADAPTER).view(shape).transpose(1, 2)
@@ -258,7 +257,7 @@ class MemoryLM(nn.Module):
         segments = input_ids.split(self.segment_length, dim=1)
         tbptt.reset()
         total = input_ids.new_zeros((), dtype=torch.float32)
-        for index, (segment, target) in enumerate(zip(segments, targets.split(self.segment_length, dim=1))):
+        for index, (segment, target) in enumerate(zip(segments, targets.split(self.segment_length, dim=1), strict=True)):
             if bool((target != -100).any()):
                 logits, _ = self.decode(segment, self.memory_kv(tbptt.memories))
                 loss = self.segment_loss(logits, target)
@@ -277,7 +276,7 @@ class MemoryLM(nn.Module):
         segments = input_ids.split(self.segment_length, dim=1)
         memories: list[Tensor] = []
         total = input_ids.new_zeros((), dtype=torch.float32)
-        for index, (segment, target) in enumerate(zip(segments, targets.split(self.segment_length, dim=1))):
+        for index, (segment, target) in enumerate(zip(segments, targets.split(self.segment_length, dim=1), strict=True)):
             if bool((target != -100).any()):
                 cut = 0 if window is None else max(0, index - window)
                 visible = [m.detach() for m in memories[:cut]] + memories[cut:]
@@ -312,16 +311,16 @@ class MemoryLM(nn.Module):
         Every time l raw tokens have accumulated they are encoded into memory and their raw K/V dropped.
         """
         self.check_context(input_ids.shape[1] + max_new_tokens)
-        l = self.segment_length
+        seg = self.segment_length
         memories: list[Tensor] = []
         pending = input_ids
-        while pending.shape[1] > l:  # complete segments that are followed by more prompt: encode only
-            memories.append(self.encode(pending[:, :l]))
-            pending = pending[:, l:]
+        while pending.shape[1] > seg:  # complete segments that are followed by more prompt: encode only
+            memories.append(self.encode(pending[:, :seg]))
+            pending = pending[:, seg:]
         logits, cache = self.decode(pending, self.memory_kv(memories))
         generated = []
         for _ in range(max_new_tokens):
-            if pending.shape[1] == l:
+            if pending.shape[1] == seg:
                 memories.append(self.encode(pending))
                 pending, cache = pending[:, :0], self.memory_kv(memories)
             token = logits[:, -1].argmax(-1, keepdim=True)

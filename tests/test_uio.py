@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from methods.incremental_tbptt import IncrementalTBPTT
 from methods.reservoir import RecencyWindow, ReservoirSampler
-from models.memory_lm import (MemoryLM, encoder_attention_mask, encoder_positions, max_context_length)
+from models.memory_lm import MemoryLM, encoder_attention_mask, encoder_positions, max_context_length
 
 L, M = 16, 4  # segment length, memory tokens
 

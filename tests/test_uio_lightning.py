@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -61,8 +60,8 @@ def test_ddp_unequal_lengths_equals_one_process_mean(tmp_path):
             reference.model.incremental_backward(sample["input_ids"][None], sample["labels"][None], tbptt)
             grads = [p.grad.clone() for p in reference.parameters() if p.requires_grad]
             reference.zero_grad(set_to_none=True)
-            total = grads if total is None else [a + b for a, b in zip(total, grads)]
-        for param, grad in zip([p for p in reference.parameters() if p.requires_grad], total):
+            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+        for param, grad in zip([p for p in reference.parameters() if p.requires_grad], total, strict=True):
             param.grad = grad / 2
         torch.nn.utils.clip_grad_norm_([p for p in reference.parameters() if p.requires_grad], 1.0)
         optimizer.step()
