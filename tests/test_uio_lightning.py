@@ -7,7 +7,7 @@ import functools
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.long_context import PasskeyDataModule
 from lightning_modules.uio_lm import UIOLM
@@ -45,16 +45,20 @@ def trainable(module: UIOLM) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.model.trainable_state_dict().items()}
 
 
-def test_ddp_unequal_lengths_equals_one_process_mean(tmp_path):
+def test_ddp_unequal_lengths_equals_one_process_mean(tmp_path, monkeypatch):
     """Two gloo ranks whose sequences have different segment counts: one all-reduce per step, no hang, and the
     parameters after two steps equal one process averaging both ranks' gradients, clipping and stepping."""
+    # Lightning always gives DDP training a shuffling DistributedSampler seeded by PL_GLOBAL_SEED: fix the seed
+    # and replay that sampler's order for the reference.
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    order = [list(DistributedSampler(Sequences(), num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
     reference = tiny_uio()
     start = trainable(reference)
     optimizer = torch.optim.SGD([p for p in reference.parameters() if p.requires_grad], lr=0.5)
     data = Sequences()
     for step in range(2):
         total = None
-        for index in (2 * step, 2 * step + 1):  # DistributedSampler order: rank 0 ← 2·step, rank 1 ← 2·step+1
+        for index in (order[0][step], order[1][step]):
             sample = data[index]
             tbptt = IncrementalTBPTT(RecencyWindow(1))
             reference.model.incremental_backward(sample["input_ids"][None], sample["labels"][None], tbptt)
