@@ -31,7 +31,12 @@ class WarmupCosine(LambdaLR):
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * self.decay(progress)
+
+    @staticmethod
+    def decay(progress: float) -> float:
+        """The decay shape from 1 (end of warmup) to 0 (end of schedule)."""
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def state_dict(self) -> dict:
         # LambdaLR would try to pickle the bound method; everything it needs is in these fields
@@ -44,10 +49,6 @@ class WarmupCosine(LambdaLR):
 class WarmupLinear(WarmupCosine):
     """Linear warmup, then linear decay to ``min_lr_ratio`` × the base lr (transformers' ``linear`` schedule)."""
 
-    def factor(self, step: int) -> float:
-        total = self.total_steps or 1
-        warmup = self.warmup_steps * total if isinstance(self.warmup_steps, float) else self.warmup_steps
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * (1.0 - progress)
+    @staticmethod
+    def decay(progress: float) -> float:
+        return 1.0 - progress
