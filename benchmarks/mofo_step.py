@@ -3,7 +3,8 @@
     python benchmarks/mofo_step.py                 # ~5M and ~50M-parameter LLaMAs, fraction 0.15
     python benchmarks/mofo_step.py --sizes 5m --steps 30 --reference
 
-Both optimizers step on their own copy of the same model with the same real gradients (a few
+The optimizers (AdamW foreach, the issue's baseline; AdamW fused, torch's one-kernel AdamW, which MoFO's
+dense part also uses; MoFO) step on their own copy of the same model with the same real gradients (a few
 stored forward/backward passes on random tokens, cycled), their steps interleaved so machine load
 hits both alike; the median step time of each and their ratio are printed. ``--reference`` also
 times the official code's per-tensor ``torch.topk`` threshold. After timing, one step with weight
@@ -113,23 +114,24 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fraction {args.fraction}")
-    print("| model | params | AdamW foreach ms | MoFO ms | MoFO / AdamW |" + (" topk MoFO ms | topk / AdamW |"
-                                                                        if args.reference else ""))
-    print("|---|---|---|---|---|" + ("---|---|" if args.reference else ""))
+    print("| model | params | AdamW foreach ms | MoFO ms | MoFO / AdamW foreach | AdamW fused ms | MoFO / AdamW fused |"
+          + (" topk MoFO ms | topk / AdamW foreach |" if args.reference else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if args.reference else ""))
     for size in args.sizes:
         model = build(size)
         n_params = sum(p.numel() for p in model.parameters())
         grads = real_grads(model, args.grad_sets)
         opts = {}
-        m_adam, m_mofo = copy.deepcopy(model), copy.deepcopy(model)
+        m_adam, m_fused, m_mofo = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
         opts["adamw"] = (torch.optim.AdamW(m_adam.parameters(), lr=1e-5, weight_decay=0.0, foreach=True), m_adam)
+        opts["fused"] = (torch.optim.AdamW(m_fused.parameters(), lr=1e-5, weight_decay=0.0, fused=True), m_fused)
         opts["mofo"] = (MoFO(mofo_param_groups(m_mofo), lr=1e-5, fraction=args.fraction), m_mofo)
         if args.reference:
             m_ref = copy.deepcopy(model)
             opts["topk"] = (TopkMoFO(mofo_param_groups(m_ref), lr=1e-5, fraction=args.fraction), m_ref)
         t = time_steps(opts, grads, args.steps, args.warmup)
         row = (f"| {size} | {n_params / 1e6:.1f}M | {t['adamw'] * 1e3:.1f} | {t['mofo'] * 1e3:.1f} | "
-               f"{t['mofo'] / t['adamw']:.2f} |")
+               f"{t['mofo'] / t['adamw']:.2f} | {t['fused'] * 1e3:.1f} | {t['mofo'] / t['fused']:.2f} |")
         if args.reference:
             row += f" {t['topk'] * 1e3:.1f} | {t['topk'] / t['adamw']:.2f} |"
         print(row, flush=True)

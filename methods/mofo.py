@@ -11,13 +11,15 @@ Each parameter tensor is one partition. At step t, with fraction α:
 
 Tensors named ``*bias*`` / ``*norm*`` take the full Adam step, so α = 1 is exactly AdamW.
 
-Speed. ``torch.topk`` / ``kthvalue`` on |m| cost several AdamW steps on CPU, and compaction
-(boolean indexing, ``nonzero``) is no better. ``topk_threshold`` uses only dense compare-and-count
-passes: a first guess from the previous step's threshold (or, cold, a fixed random sample of |m|),
-then a safeguarded search on exact counts ``#{|m| >= t}`` until the count is exactly k (or the bracket
-is one float wide: a tie). The selected set is exactly the top-k (+ ties) whatever path the search
-took, so resumed runs and DDP ranks (same all-reduced gradients) make the same update. Tensors with
-the same number of entries are stacked so each pass covers all of them.
+Speed. The dense part is one fused kernel (``torch._fused_adamw_`` on CPU and CUDA) that updates m
+and v and writes the full Adam step into a zeroed buffer u; the filtered step is then θ += u ⊙ [|m| >= τ]
+(a compare and an ``addcmul``). ``torch.topk`` / ``kthvalue`` on |m| cost several AdamW steps on CPU, so
+``topk_threshold`` uses dense compare-and-count passes instead: a band of values around a first guess
+(the previous step's threshold, or cold, a fixed random sample of |m|) is counted at both ends, and the
+k-th largest value is taken directly among the few values inside it; when the band misses, a
+safeguarded search on exact counts ``#{|m| >= t}`` moves it. The selected set is exactly the top-k
+(+ ties) whatever path the search took, so resumed runs and DDP ranks (same all-reduced gradients) make
+the same update. Tensors with the same number of entries are stacked so each pass covers all of them.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ _SMALL_ROW = 4096  # rows this short take torch.kthvalue directly
 _SAMPLE = 2048  # sample size per row for the cold-start guess
 _STACK_CAP = 1 << 25  # at most this many entries stacked per pass (bounds the scratch memory)
 _END_GAME = 16  # bracket holding this few values: plain interpolation of their order
-_EXTRACT = 64  # bracket holding this few values: extract them and take the k-th directly
+_EXTRACT = 64  # a bracket holding this few values (or under 1/_EXTRACT_SHARE of the row): take the k-th directly
+_EXTRACT_SHARE = 8
+_BAND = 64  # the narrowest warm band, in counts either side of the guess
 _F32, _U32 = struct.Struct("<f"), struct.Struct("<I")
 _NUMPY_ON_CPU = True  # count with NumPy on CPU tensors (tests turn it off to exercise the torch path)
 
@@ -46,8 +50,10 @@ def _sample_index(numel: int, device: torch.device) -> Tensor:
     return torch.randperm(numel, generator=gen)[:_SAMPLE].sort().values.to(device)
 
 
-def _count_ge(a: Tensor, t: list[float], scratch: Tensor, rows: list[int] | None = None) -> list[int]:
+def _count_ge(a: Tensor, t: list[float], scratch: Tensor, rows: list[int] | None = None, slot: int = 0) -> list[int]:
     """Exact ``#{a[i, :] >= t[i]}`` for each row in ``rows`` (all when ``None``; the others come back 0).
+    On CPU the flags ``a[i] >= t[i]`` stay in byte slot ``slot`` (0 or 1) of the row's scratch, so an
+    extraction between two counted points needs no compare pass of its own.
 
     CPU: NumPy's SIMD compare into a byte buffer and ``count_nonzero``; about twice as fast as torch's
     compare-and-sum, and torch's bool reductions are slower still. Elsewhere: a torch compare into a float
@@ -57,7 +63,7 @@ def _count_ge(a: Tensor, t: list[float], scratch: Tensor, rows: list[int] | None
     rows = list(range(n_rows)) if rows is None else rows
     counts = [0] * n_rows
     if a.device.type == "cpu" and _NUMPY_ON_CPU:
-        values, flags = a.numpy(), scratch.numpy().view(np.bool_)[:, :n]
+        values, flags = a.numpy(), scratch.numpy().view(np.bool_)[:, slot * n : (slot + 1) * n]
         for i in rows:
             np.greater_equal(values[i], np.float32(t[i]), out=flags[i])
             counts[i] = int(np.count_nonzero(flags[i]))
@@ -75,17 +81,25 @@ def _count_ge(a: Tensor, t: list[float], scratch: Tensor, rows: list[int] | None
     return counts
 
 
-def _kth_in_bracket(a: Tensor, i: int, lo: float, hi: float, j: int, scratch: Tensor) -> float:
-    """The j-th largest (1-based) value of row i among those in [lo, hi), by extracting them: one pass,
-    cheaper than the handful of counts that pin down the last few values at random places."""
+def _kth_in_bracket(a: Tensor, i: int, r: _RowSearch, j: int, scratch: Tensor) -> float:
+    """The j-th largest (1-based) value of row i among those in the bracket [r.lo, r.hi), by extracting
+    them: cheaper than the counts that would pin down the last values at random places. On CPU the
+    band is the difference of the two counts' flags when both are still in the scratch."""
+    lo, hi = r.lo, r.hi
     if a.device.type == "cpu" and _NUMPY_ON_CPU:
-        row, flags = a.numpy()[i], scratch.numpy().view(np.bool_)[i, : a.shape[1]]
-        above = scratch.numpy().view(np.bool_)[i, a.shape[1] : 2 * a.shape[1]]
-        np.greater_equal(row, np.float32(lo), out=flags)
-        np.less(row, np.float32(hi), out=above)
-        np.logical_and(flags, above, out=flags)
-        values = np.sort(row[flags])
-        return float(values[values.size - j])
+        n = a.shape[1]
+        row, flags = a.numpy()[i], scratch.numpy().view(np.bool_)[i]
+        band = flags[2 * n : 3 * n]
+        slot_lo, slot_hi = r.flag_slot.get(lo), r.flag_slot.get(hi)
+        if slot_lo is not None and slot_hi is not None and slot_lo != slot_hi:
+            np.not_equal(flags[slot_lo * n : (slot_lo + 1) * n], flags[slot_hi * n : (slot_hi + 1) * n], out=band)
+        else:
+            below = flags[3 * n : 4 * n]
+            np.greater_equal(row, np.float32(lo), out=band)
+            np.less(row, np.float32(hi), out=below)
+            np.logical_and(band, below, out=band)
+        values = row[band]
+        return float(np.partition(values, values.size - j)[values.size - j])
     row = a[i]
     values = row[(row >= lo) & (row < hi)].sort().values
     return float(values[values.numel() - j])
@@ -98,8 +112,10 @@ class _RowSearch:
     on the count with the Illinois rule (an end kept twice has its weight halved), which converges
     superlinearly and never leaves the bracket."""
 
-    def __init__(self, n: int, k: int, t: float, slope: float) -> None:
+    def __init__(self, n: int, k: int, t: float, slope: float, plan: Sequence[float] = ()) -> None:
         self.n, self.k = n, k
+        self.plan = [_f32(p) for p in plan]  # points to count next while they stay inside the bracket
+        self.flag_slot: dict[float, int] = {}  # counted point -> the scratch slot holding its flags
         self.lo, self.c_lo, self.hi, self.c_hi = 0.0, n, math.inf, 0
         self.t, self.slope = _f32(t), slope
         self.w_lo = self.w_hi = 1.0
@@ -127,6 +143,11 @@ class _RowSearch:
             self.kept = -1
         if self.done():
             return
+        while self.plan:
+            nxt = self.plan.pop(0)
+            if self.lo < nxt < self.hi:
+                self.t = nxt
+                return
         gap = self.c_lo - self.c_hi
         self.gaps.append(gap)
         bracketed = self.lo_counted and math.isfinite(self.hi)
@@ -153,7 +174,10 @@ class _RowSearch:
             nxt = t + (c - k) * self.boost / self.slope if self.slope > 0 else math.nan
             self.boost *= 2
             if not self.lo < nxt < self.hi:
-                nxt = max(2 * t, 1e-30) if math.isinf(self.hi) else self.hi / 2
+                if math.isinf(self.hi):
+                    nxt = max(2 * t, 1e-30)
+                else:  # below the lowest count: is there a pile of zeros under k? (one count says)
+                    nxt = _next_up(0.0) if self.lo == 0.0 and not self.lo_counted else self.hi / 2
         self.t = min(max(_f32(nxt), _next_up(self.lo)), _next_down(self.hi))
 
 
@@ -194,8 +218,8 @@ def topk_threshold(
     k: int,
     scratch: Tensor | None = None,
     index: Tensor | None = None,
-    hint: list[tuple[float, float, float]] | None = None,
-) -> tuple[list[float], list[tuple[float, float, float]]]:
+    hint: list[tuple[float, float, float, float]] | None = None,
+) -> tuple[list[float], list[tuple[float, float, float, float]]]:
     """Per row of the non-negative fp32 ``a`` [T, N], a threshold τ with ``{a[i] >= τ[i]}`` exactly
     the top-k set of row i plus the entries tied with its k-th largest value.
 
@@ -203,12 +227,14 @@ def topk_threshold(
     same set, so the search stops at the first t whose count is k. The thresholds come back as
     Python floats (exact fp32 values), with a hint for the next call on slowly changing rows.
 
-    Search: the first guess and the density of values near it (counts per unit of value) come from the
-    hint (the previous call's τ and density, rescaled by the change of the row's mean; for rows that
-    change slowly such as Adam's m) or else from
-    a sorted sample of the row. Then Newton steps until both sides of k are counted, Illinois regula
-    falsi inside the bracket, and float-bit bisection when that stalls. The search path never changes
-    the result, only its cost.
+    Search: a band of values is guessed around the k-th largest, from the hint (the previous call's τ
+    and density of values, rescaled by the change of the row's mean, for rows that change slowly such as
+    Adam's m; the band as wide as the previous guess's miss) or else from a sorted sample of the row (a
+    band of ±3σ of the sample quantile). Both ends are counted; when they bracket k, the k-th largest is
+    taken directly among the values inside (at most 1/8 of the row). Otherwise Newton steps with the
+    density until both sides of k are counted, Illinois regula falsi inside the bracket, and float-bit
+    bisection when that stalls. The search path never changes the result, only its cost: typically
+    two counts and one extraction per row.
 
     Args:
         a: non-negative values, one row per tensor.
@@ -222,16 +248,14 @@ def topk_threshold(
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if k == n or n <= _SMALL_ROW:
         tau = (a.amin(1) if k == n else a.kthvalue(n - k + 1, dim=1).values).tolist()
-        return tau, [(t, math.nan, math.nan) for t in tau]
+        return tau, [(t, math.nan, math.nan, math.nan) for t in tau]
     if scratch is None:
         scratch = torch.empty_like(a)
-    means = a.mean(1, dtype=torch.float64).tolist()  # the scale of each row, to carry a hint over
-    warm = hint is not None and all(tau > 0 and math.isfinite(slope) and slope > 0 and mean > 0
-                                    for tau, slope, mean in hint) and all(m > 0 for m in means)
-    if warm:  # the previous τ and density, rescaled by how the row's mean moved (m drifts slowly)
-        searches = [_RowSearch(n, k, tau * now / mean, slope * mean / now)
-                    for (tau, slope, mean), now in zip(hint, means, strict=True)]
-    else:  # a sorted sample of each row: its quantile at k/N and the density of values around it
+    means = a.mean(1).tolist()  # the scale of each row, to carry a hint over (fp32: fp64 is far slower)
+    hint = hint if hint is not None and len(hint) == n_rows else [(math.nan,) * 4] * n_rows
+    cold = [i for i, ((tau, slope, mean, _), now) in enumerate(zip(hint, means, strict=True))
+            if not (tau > 0 and math.isfinite(slope) and slope > 0 and mean > 0 and now > 0)]
+    if cold:  # a sorted sample of each row: its quantile at k/N and a band of ±3σ of that estimate around it
         index = _sample_index(n, a.device) if index is None else index
         s = index.numel()
         rank = k * s / n  # expected 1-based position of the k-th largest value in the sorted sample
@@ -240,19 +264,35 @@ def topk_threshold(
         j1, j2 = max(j - width, 0), min(j + width, s - 1)
         sample = a.index_select(1, index).sort(dim=1, descending=True).values
         at_j, at_j1, at_j2 = sample[:, [j, j1, j2]].double().T.tolist()
-        searches = []
-        for i in range(n_rows):
+    searches, guesses = [], []
+    for i, ((tau, slope, mean, band), now) in enumerate(zip(hint, means, strict=True)):
+        if i in cold:
             slope = (j2 - j1) * (n / s) / (at_j1[i] - at_j2[i]) if at_j1[i] > at_j2[i] else math.nan
-            searches.append(_RowSearch(n, k, at_j[i], slope))
+            plan = [t for t in (at_j1[i], at_j2[i]) if t > 0]
+            # τ was 0 last time (fewer non-zeros than k, e.g. embedding rows of unseen tokens): test that first
+            first = _next_up(0.0) if tau == 0.0 else plan.pop(0) if plan else at_j[i]
+            searches.append(_RowSearch(n, k, first, slope, plan))
+            guesses.append(at_j[i])
+        else:  # the previous τ and density, rescaled by how the row's mean moved (m drifts slowly), and a
+            # band around it as wide as the last guess's miss: count both ends, then extract inside
+            t0, slope = tau * now / mean, slope * mean / now
+            hi, lo = t0 + band / slope, t0 - band / slope
+            searches.append(_RowSearch(n, k, hi, slope, plan=[lo if lo > 0 else t0 / 2]))
+            guesses.append(t0)
+    extract = max(_EXTRACT, n // _EXTRACT_SHARE)
     active = list(range(n_rows))
-    for _ in range(512):  # bisection alone ends within ~70 counts (the bits of a float interval)
-        counts = _count_ge(a, [r.t for r in searches], scratch, None if len(active) == n_rows else active)
+    for call in range(512):  # bisection alone ends within ~70 counts (the bits of a float interval)
+        slot = call % 2
+        points = [r.t for r in searches]
+        counts = _count_ge(a, points, scratch, None if len(active) == n_rows else active, slot)
         for i in active:
             r = searches[i]
+            r.flag_slot = {t: sl for t, sl in r.flag_slot.items() if sl != slot}
+            r.flag_slot[points[i]] = slot
             r.update(counts[i])
-            if not r.done() and r.lo_counted and math.isfinite(r.hi) and r.c_lo - r.c_hi <= _EXTRACT:
-                # a few values left between the bracket's ends: take the k-th largest directly
-                r.lo, r.c_lo = _kth_in_bracket(a, i, r.lo, r.hi, k - r.c_hi, scratch), k
+            if not r.done() and r.lo_counted and math.isfinite(r.hi) and r.c_lo - r.c_hi <= extract:
+                # few values left between the bracket's ends: take the k-th largest directly
+                r.lo, r.c_lo = _kth_in_bracket(a, i, r, k - r.c_hi, scratch), k
         active = [i for i in active if not searches[i].done()]
         if not active:
             break
@@ -260,7 +300,10 @@ def topk_threshold(
         raise RuntimeError("MoFO threshold search did not converge")
     tau = [r.lo for r in searches]
     slopes = [r.wide_slope if r.wide_slope else r.slope for r in searches]
-    return tau, list(zip(tau, slopes, means, strict=True))
+    # next band: twice this guess's miss in counts, so a steadily drifting threshold stays inside it
+    bands = [min(max(_BAND, 2 * abs(t - g) * sl), extract / 2) if math.isfinite(sl) else _BAND
+             for t, g, sl in zip(tau, guesses, slopes, strict=True)]
+    return tau, list(zip(tau, slopes, means, bands, strict=True))
 
 
 def _is_dense(name: str | None, param: Tensor, dense_keywords: Sequence[str]) -> bool:
@@ -317,9 +360,9 @@ class MoFO(torch.optim.Optimizer):
                     f"Invalid fraction {group['fraction']}: must be in (0, 1] (the paper advises 0.05-0.2; "
                     "1.0 is AdamW)"
                 )
-        self._scratch: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._buffers: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
         self._index: dict[tuple, Tensor] = {}
-        self._hints: dict[tuple, list[tuple[float, float, float]]] = {}  # (τ, density, mean) per row
+        self._hints: dict[tuple, list[tuple[float, float, float, float]]] = {}  # (τ, density, mean, band)
 
     # ----------------------------------------------------------------------------------------- state
     def _init_state(self, p: Tensor) -> dict[str, Tensor]:
@@ -343,48 +386,20 @@ class MoFO(torch.optim.Optimizer):
                     self.state[p][key] = saved[i][key].to(device=p.device, dtype=torch.float32)
 
     # ------------------------------------------------------------------------------------------ step
-    def _scratch_for(self, key: tuple, rows: int, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Persistent buffers (|m| and counts / filtered m) per stack, so no step allocates them."""
-        if key not in self._scratch or self._scratch[key][0].shape != (rows, n):
-            self._scratch[key] = (
-                torch.empty(rows, n, dtype=torch.float32, device=device),
-                torch.empty(rows, n, dtype=torch.float32, device=device),
-            )
-        return self._scratch[key]
+    def _buffers_for(self, device: torch.device, numel: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Persistent flat fp32 buffers (Adam steps, |m| then masks, count flags), shared by all tensors
+        of a device and grown on demand: about 3 x min(_STACK_CAP, total) entries."""
+        bufs = self._buffers.get(device)
+        if bufs is None or bufs[0].numel() < numel:
+            bufs = tuple(torch.empty(numel, dtype=torch.float32, device=device) for _ in range(3))
+            self._buffers[device] = bufs
+        return bufs
 
     def _index_for(self, device: torch.device, n: int) -> Tensor:
         key = (device, n)
         if key not in self._index:
             self._index[key] = _sample_index(n, device)
         return self._index[key]
-
-    def _filtered_momentum(self, exp_avgs: list[Tensor], ks: list[int]) -> list[Tensor]:
-        """``m`` with every entry outside its tensor's top-k |m| set to zero. Tensors with the same
-        (numel, k) are stacked so each pass over |m| is one kernel."""
-        out: list[Tensor] = list(exp_avgs)
-        stacks: dict[tuple, list[int]] = {}
-        for i, (m, k) in enumerate(zip(exp_avgs, ks, strict=True)):
-            if k < m.numel():
-                stacks.setdefault((m.device, m.numel(), k), []).append(i)
-        for (device, n, k), members in stacks.items():
-            per_pass = max(1, _STACK_CAP // n)
-            for start in range(0, len(members), per_pass):
-                chunk = members[start : start + per_pass]
-                absm, scratch = self._scratch_for((device, n, k, start), len(chunk), n, device)
-                for row, i in enumerate(chunk):
-                    torch.abs(exp_avgs[i].view(-1), out=absm[row])
-                index = self._index_for(device, n) if n > _SMALL_ROW else None
-                hint_key = tuple(id(exp_avgs[i]) for i in chunk)
-                tau, self._hints[hint_key] = topk_threshold(absm, k, scratch, index, self._hints.get(hint_key))
-                for row, i in enumerate(chunk):
-                    if tau[row] <= 0.0:  # τ = 0: every entry is selected
-                        continue
-                    m = exp_avgs[i]
-                    sel = scratch[row].view_as(m) if m.is_contiguous() else torch.empty_like(m)
-                    # hardshrink keeps |m| > λ; with λ the float just below τ that is exactly |m| >= τ
-                    torch.ops.aten.hardshrink.out(m, _next_down(tau[row]), out=sel)
-                    out[i] = sel
-        return out
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - the Optimizer signature
@@ -413,34 +428,87 @@ class MoFO(torch.optim.Optimizer):
         self, members: list[tuple[Tensor, int]], dtype: torch.dtype, lr: float, beta1: float, beta2: float,
         eps: float, wd: float,
     ) -> None:
-        """One step for tensors sharing device and dtype; the Adam part mirrors torch's foreach AdamW
-        op for op, so α = 1 reproduces it."""
+        """One step for tensors sharing device and dtype, in chunks of at most ``_STACK_CAP`` entries (so
+        the scratch stays bounded); filtered tensors with the same (numel, k) are adjacent so their
+        threshold searches share each pass."""
+        states = [self._init_state(p) for p, _ in members]
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        if wd != 0:
+            torch._foreach_mul_([p for p, _ in members], 1 - lr * wd)
+        order = sorted(range(len(members)), key=lambda i: (members[i][1] == members[i][0].numel(),
+                                                           members[i][0].numel(), members[i][1]))
+        chunk, total = [], 0
+        for i in order:
+            n = members[i][0].numel()
+            if chunk and total + n > _STACK_CAP:
+                self._update_chunk([members[j] for j in chunk], [states[j] for j in chunk], dtype, lr, beta1,
+                                   beta2, eps)
+                chunk, total = [], 0
+            chunk.append(i)
+            total += n
+        if chunk:
+            self._update_chunk([members[j] for j in chunk], [states[j] for j in chunk], dtype, lr, beta1,
+                               beta2, eps)
+
+    def _update_chunk(
+        self, members: list[tuple[Tensor, int]], states: list[dict[str, Tensor]], dtype: torch.dtype,
+        lr: float, beta1: float, beta2: float, eps: float,
+    ) -> None:
+        """u = −lr·m̂/(√v̂ + ε) for every entry (moments updated densely), then θ += u ⊙ [|m| >= τ]."""
         params = [p for p, _ in members]
-        ks = [k for _, k in members]
-        states = [self._init_state(p) for p in params]
+        device, numels = params[0].device, [p.numel() for p in params]
+        step_buf, abs_buf, flag_buf = self._buffers_for(device, sum(numels))
+        offsets = [0]
+        for n in numels:
+            offsets.append(offsets[-1] + n)
+        step_buf[: offsets[-1]].zero_()
+        updates = [step_buf[o : o + n].view(p.shape) if p.is_contiguous() else torch.zeros_like(p, dtype=torch.float32)
+                   for p, o, n in zip(params, offsets[:-1], numels, strict=True)]
         grads = [p.grad if dtype == torch.float32 else p.grad.float() for p in params]
         exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
-        if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        _adam_step_into(updates, grads, exp_avgs, [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+                        lr, beta1, beta2, eps)
         del grads
-        step_size = [-(lr / (1 - beta1 ** s.item())) for s in steps]
-        bias_correction2_sqrt = [(1 - beta2 ** s.item()) ** 0.5 for s in steps]
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        numer = self._filtered_momentum(exp_avgs, ks)
-        if dtype == torch.float32:
-            torch._foreach_addcdiv_(params, numer, denom, step_size)
-        else:  # the update is formed in fp32 and rounded once into the low-precision parameter
-            torch._foreach_div_(denom, step_size)
-            for p, m, d in zip(params, numer, denom, strict=True):
-                p.add_(m / d)
+        groups: dict[tuple[int, int], list[int]] = {}  # filtered tensors by (numel, k); adjacent by the order
+        for i, (p, k) in enumerate(members):
+            if k == p.numel():
+                p.add_(updates[i])
+            else:
+                groups.setdefault((p.numel(), k), []).append(i)
+        for (n, k), rows in groups.items():
+            start = offsets[rows[0]]
+            absm = abs_buf[start : start + len(rows) * n].view(len(rows), n)
+            for r, i in enumerate(rows):
+                torch.abs(exp_avgs[i].reshape(-1), out=absm[r])
+            hint_key = tuple(id(exp_avgs[i]) for i in rows)
+            index = self._index_for(device, n) if n > _SMALL_ROW else None
+            scratch = flag_buf[start : start + len(rows) * n].view(len(rows), n)
+            tau, self._hints[hint_key] = topk_threshold(absm, k, scratch, index, self._hints.get(hint_key))
+            for r, i in enumerate(rows):
+                mask = torch.ge(absm[r], tau[r], out=absm[r])  # 1.0 on the selected entries, in place
+                params[i].addcmul_(updates[i], mask.view(params[i].shape))
+
+
+def _adam_step_into(
+    out: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    steps: list[Tensor], lr: float, beta1: float, beta2: float, eps: float,
+) -> None:
+    """Adam's moments updated in place and its step −lr/(1−β1^t)·m/(√v/√(1−β2^t) + ε) written into the
+    zeroed ``out``. On CPU and CUDA this is torch's fused AdamW kernel run on the zero buffers as its
+    "parameters" (one pass instead of foreach's nine); elsewhere the same math with foreach ops."""
+    device = out[0].device
+    if device.type in ("cpu", "cuda"):
+        steps_here = steps if device.type == "cpu" else [s.to(device) for s in steps]
+        torch._fused_adamw_(out, grads, exp_avgs, exp_avg_sqs, [], steps_here, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        return
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, [(1 - beta2 ** s.item()) ** 0.5 for s in steps])
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(out, exp_avgs, denom, [-(lr / (1 - beta1 ** s.item())) for s in steps])
 
 
 def mofo_param_groups(

@@ -229,3 +229,25 @@ def test_torch_count_path_selects_the_same_set(monkeypatch):
     b = a * 1.1 + 0.01 * torch.rand_like(a)  # a warm start from the previous call's hint
     tau, _ = topk_threshold(b, 9000, hint=hint)
     assert torch.equal(b >= torch.tensor(tau).unsqueeze(1), b >= b.topk(9000, dim=1).values[:, -1:])
+
+
+def test_warm_search_takes_two_counts_and_zero_piles_stay_cheap(monkeypatch):
+    """Speed is a property of the search path: a drifting row (Adam's m) costs two counts and one
+    extraction once warm; a row with fewer non-zeros than k (embedding rows of unseen tokens) one count."""
+    import methods.mofo as mofo
+
+    calls = []
+    count_ge = mofo._count_ge
+    monkeypatch.setattr(mofo, "_count_ge", lambda *a, **kw: calls.append(1) or count_ge(*a, **kw))
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(2, 200_000, generator=gen).abs()
+    a[1, 1000:] = 0.0  # 1000 non-zeros < k: τ = 0, every entry selected
+    k = 30_000
+    _, hint = topk_threshold(a, k)
+    for step in range(4):
+        a[0] = 0.9 * a[0] + 0.1 * torch.randn(200_000, generator=gen).abs()  # one Adam-like drift
+        calls.clear()
+        tau, hint = topk_threshold(a, k, hint=hint)
+        assert torch.equal(a >= torch.tensor(tau).unsqueeze(1), a >= a.topk(k, dim=1).values[:, -1:])
+        assert tau[1] == 0.0
+        assert len(calls) <= (3 if step == 0 else 2)  # the first band comes from the cold sample
