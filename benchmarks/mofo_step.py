@@ -53,13 +53,8 @@ def real_grads(model: LlamaForCausalLM, sets: int, seq: int = 128, batch: int = 
 class TopkMoFO(MoFO):
     """The official code's threshold (``torch.topk`` on each filtered tensor), for reference only."""
 
-    def _filtered_momentum(self, exp_avgs, ks):
-        out = list(exp_avgs)
-        for i, (m, k) in enumerate(zip(exp_avgs, ks, strict=True)):
-            if k < m.numel():
-                tau = torch.topk(m.abs().view(-1), k)[0].min()
-                out[i] = torch.where(m.abs() >= tau, m, 0)
-        return out
+    def _thresholds(self, absm, k, scratch, key):
+        return torch.topk(absm, k, dim=1).values[:, -1].tolist()
 
 
 def time_steps(opts: dict[str, tuple[torch.optim.Optimizer, torch.nn.Module]], grads, steps: int, warmup: int):

@@ -251,7 +251,9 @@ def topk_threshold(
         return tau, [(t, math.nan, math.nan, math.nan) for t in tau]
     if scratch is None:
         scratch = torch.empty_like(a)
-    means = a.mean(1).tolist()  # the scale of each row, to carry a hint over (fp32: fp64 is far slower)
+    # the scale of each row, to carry a hint over: the mean of a strided subsample (about 16K values, ~1%
+    # noise) costs a small part of a full pass, which matters while m ramps up over the first steps
+    means = a[:, :: max(1, n // 16384)].mean(1).tolist()
     hint = hint if hint is not None and len(hint) == n_rows else [(math.nan,) * 4] * n_rows
     cold = [i for i, ((tau, slope, mean, _), now) in enumerate(zip(hint, means, strict=True))
             if not (tau > 0 and math.isfinite(slope) and slope > 0 and mean > 0 and now > 0)]
@@ -424,6 +426,13 @@ class MoFO(torch.optim.Optimizer):
                 self._update(members, dtype, lr, beta1, beta2, eps, wd)
         return loss
 
+    def _thresholds(self, absm: Tensor, k: int, scratch: Tensor, key: tuple) -> list[float]:
+        """Per row of |m| (a stack of same-size tensors), the top-k threshold; ``key`` names the stack
+        so the next step's search starts from this one's result."""
+        index = self._index_for(absm.device, absm.shape[1]) if absm.shape[1] > _SMALL_ROW else None
+        tau, self._hints[key] = topk_threshold(absm, k, scratch, index, self._hints.get(key))
+        return tau
+
     def _update(
         self, members: list[tuple[Tensor, int]], dtype: torch.dtype, lr: float, beta1: float, beta2: float,
         eps: float, wd: float,
@@ -480,10 +489,8 @@ class MoFO(torch.optim.Optimizer):
             absm = abs_buf[start : start + len(rows) * n].view(len(rows), n)
             for r, i in enumerate(rows):
                 torch.abs(exp_avgs[i].reshape(-1), out=absm[r])
-            hint_key = tuple(id(exp_avgs[i]) for i in rows)
-            index = self._index_for(device, n) if n > _SMALL_ROW else None
             scratch = flag_buf[start : start + len(rows) * n].view(len(rows), n)
-            tau, self._hints[hint_key] = topk_threshold(absm, k, scratch, index, self._hints.get(hint_key))
+            tau = self._thresholds(absm, k, scratch, tuple(id(exp_avgs[i]) for i in rows))
             for r, i in enumerate(rows):
                 mask = torch.ge(absm[r], tau[r], out=absm[r])  # 1.0 on the selected entries, in place
                 params[i].addcmul_(updates[i], mask.view(params[i].shape))
