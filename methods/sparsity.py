@@ -48,6 +48,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from methods.topk_threshold import _SMALL_ROW, _next_down, topk_threshold
+
 __all__ = [
     "MagnitudeMask",
     "SearchResult",
@@ -106,23 +108,59 @@ def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
     return mask.contiguous()
 
 
+def _threshold_mask_forward(weight: Tensor, keep: int, owner: MagnitudeMask) -> Tensor | None:
+    """W⊙m for the ``keep`` largest |W| by an exact counted threshold τ (``methods.topk_threshold``),
+    warm-started from the owner's previous τ: weights move little per step, so this costs a few passes
+    instead of a ``topk``. ``hardshrink`` at the float just below τ keeps exactly |W| >= τ in one pass.
+    Returns None when |W| is tied at τ (the mask would keep more than ``keep``: use the topk path)."""
+    n = weight.numel()
+    buf = _scratch(weight.device, 2 * n)
+    absw, scratch = buf[:n].view(1, n), buf[n : 2 * n].view(1, n)
+    torch.abs(weight.detach().reshape(-1), out=absw[0])
+    counts: list[int] = []
+    tau, owner._hint = topk_threshold(absw, keep, scratch, hint=owner._hint, counts=counts)
+    if counts[0] != keep:
+        return None
+    return torch.ops.aten.hardshrink(weight.detach(), _next_down(tau[0]))
+
+
+_SCRATCH: dict[torch.device, Tensor] = {}
+
+
+def _scratch(device: torch.device, numel: int) -> Tensor:
+    """One flat fp32 work buffer per device, grown to the largest layer (|W| and count flags)."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf
+
+
 class _MaskedWeight(torch.autograd.Function):
-    """W ↦ W⊙m with m = magnitude_mask(W, p); backward: straight-through + decay·(1 − m)⊙W."""
+    """W ↦ W⊙m with m the ⌊(1 − p)·n⌋ largest |W|; backward: straight-through + decay·(1 − m)⊙W."""
 
     @staticmethod
-    def forward(ctx, weight: Tensor, sparsity: float, decay: float) -> Tensor:  # type: ignore[override]
-        mask = magnitude_mask(weight, sparsity)
-        ctx.decay = decay
-        if decay:
-            ctx.save_for_backward(weight, mask)
-        return weight * mask
+    def forward(ctx, weight: Tensor, owner: MagnitudeMask) -> Tensor:  # type: ignore[override]
+        keep = weight.numel() - math.floor(owner.sparsity * weight.numel())
+        out = None
+        if weight.dtype == torch.float32 and weight.numel() > _SMALL_ROW and 0 < keep < weight.numel():
+            out = _threshold_mask_forward(weight, keep, owner)
+        if out is None:  # small, low-precision or tied weights: the topk reference
+            out = weight * magnitude_mask(weight, owner.sparsity)
+        ctx.decay = owner.decay
+        if ctx.decay:
+            ctx.save_for_backward(weight, out)
+        return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         if not ctx.decay:
-            return grad, None, None
-        weight, mask = ctx.saved_tensors
-        return grad + ctx.decay * weight * ~mask, None, None
+            return grad, None
+        weight, masked = ctx.saved_tensors
+        # (1 − m)⊙W = W − W⊙m, exactly: 0 on kept entries (so their gradient is the upstream one, bit for
+        # bit) and W on pruned ones; formed in the work buffer so only the result is a new tensor
+        pruned = torch.sub(weight, masked, out=_scratch(weight.device, weight.numel())[: weight.numel()].view_as(weight)
+                           ) if weight.dtype == torch.float32 and weight.is_contiguous() else weight - masked
+        return torch.add(grad, pruned, alpha=ctx.decay), None
 
 
 class MagnitudeMask(nn.Module):
@@ -137,11 +175,12 @@ class MagnitudeMask(nn.Module):
         super().__init__()
         self.sparsity = float(sparsity)
         self.decay = float(decay)
+        self._hint: list | None = None  # the last threshold search, to start the next one from (speed only)
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.sparsity <= 0.0:
             return weight
-        return _MaskedWeight.apply(weight, self.sparsity, self.decay)
+        return _MaskedWeight.apply(weight, self)
 
     def extra_repr(self) -> str:
         return f"sparsity={self.sparsity:.4f}, decay={self.decay:g}"

@@ -220,9 +220,9 @@ def test_lightning_fine_tune_stays_closer_to_the_start():
 
 def test_torch_count_path_selects_the_same_set(monkeypatch):
     """The GPU code path (torch compare-and-sum instead of NumPy), run on CPU."""
-    import methods.mofo as mofo
+    import methods.topk_threshold as search
 
-    monkeypatch.setattr(mofo, "_NUMPY_ON_CPU", False)
+    monkeypatch.setattr(search, "_NUMPY_ON_CPU", False)
     a = torch.randn(4, 70000, generator=torch.Generator().manual_seed(3)).abs()
     tau, hint = topk_threshold(a, 9000)
     assert torch.equal(a >= torch.tensor(tau).unsqueeze(1), a >= a.topk(9000, dim=1).values[:, -1:])
@@ -234,11 +234,11 @@ def test_torch_count_path_selects_the_same_set(monkeypatch):
 def test_warm_search_takes_two_counts_and_zero_piles_stay_cheap(monkeypatch):
     """Speed is a property of the search path: a drifting row (Adam's m) costs two counts and one
     extraction once warm; a row with fewer non-zeros than k (embedding rows of unseen tokens) one count."""
-    import methods.mofo as mofo
+    import methods.topk_threshold as search
 
     calls = []
-    count_ge = mofo._count_ge
-    monkeypatch.setattr(mofo, "_count_ge", lambda *a, **kw: calls.append(1) or count_ge(*a, **kw))
+    count_ge = search._count_ge
+    monkeypatch.setattr(search, "_count_ge", lambda *a, **kw: calls.append(1) or count_ge(*a, **kw))
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(2, 200_000, generator=gen).abs()
     a[1, 1000:] = 0.0  # 1000 non-zeros < k: τ = 0, every entry selected
