@@ -228,3 +228,23 @@ def test_calibrated_accuracy_is_seeded_and_leaves_the_model_untouched():
     assert a == b and 0.0 <= a <= 1.0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert model.training and layer_sparsities(model) == {"fc": 0.3}
+
+
+def test_per_step_masks_equal_the_topk_reference_while_training_and_under_ties():
+    """The per-forward mask comes from a counted threshold warm-started from the previous step; it must
+    stay the exact top-k set as the weights move, and fall back to topk when |W| is tied at the cut."""
+    torch.manual_seed(0)
+    layer = nn.Linear(256, 128)
+    sparsify(layer, {"": 0.9})
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    n = layer.weight.numel()
+    for _ in range(5):
+        w = layer.parametrizations.weight.original.detach()
+        assert torch.equal(layer.weight != 0, magnitude_mask(w, 0.9) & (w != 0))
+        assert int((layer.weight == 0).sum()) == math.floor(0.9 * n)
+        opt.zero_grad()
+        layer(torch.randn(32, 256)).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():  # four magnitudes only: the 90% cut falls inside a tie
+        layer.parametrizations.weight.original.copy_(torch.randint(1, 5, (128, 256)).float())
+    assert int((layer.weight == 0).sum()) == math.floor(0.9 * n)
