@@ -92,19 +92,19 @@ def test_official_mode_equals_the_official_forward(rate: float) -> None:
 
 
 def test_rate_one_is_bidirectional_and_strict_mixes_two_softmaxes() -> None:
-    from models.illama import rope_sin_cos
+    from models.illama import rope_freqs
 
     attn, x = SoftMaskAttention(16, 2).eval(), torch.randn(2, 5, 16)
-    sin, cos = rope_sin_cos(5, 8, 1e4, x.device)
+    rope = rope_freqs(5, 8, 1e4, x.device)
     q, k, v = attn.qkv(x).reshape(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
     scores = _rope_complex(q) @ _rope_complex(k).transpose(-2, -1) / math.sqrt(8)
     future = ~torch.ones(5, 5, dtype=torch.bool).tril()
     full, causal = scores.softmax(-1) @ v, scores.masked_fill(future, float("-inf")).softmax(-1) @ v
     project = lambda o: attn.proj(o.transpose(1, 2).reshape(2, 5, 16))  # noqa: E731
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, sin, cos, 1.0, None), project(full))  # both modes at r = 1
-        torch.testing.assert_close(attn(x, sin, cos, 0.0, None), project(causal))  # strict at r = 0
-        torch.testing.assert_close(attn(x, sin, cos, 0.25, None), project(0.25 * full + 0.75 * causal))
+        torch.testing.assert_close(attn(x, rope, 1.0, None), project(full))  # both modes at r = 1
+        torch.testing.assert_close(attn(x, rope, 0.0, None), project(causal))  # strict at r = 0
+        torch.testing.assert_close(attn(x, rope, 0.25, None), project(0.25 * full + 0.75 * causal))
 
 
 def _tokens_after_perturbing(model: ILLaMA, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,13 +141,19 @@ def test_front_class_token_with_causal_mask_sees_no_image() -> None:
 def test_rope_scores_depend_only_on_relative_position() -> None:
     from timm.layers import apply_rot_embed
 
-    from models.illama import rope_sin_cos
+    from models.illama import apply_rope, rope_freqs
 
-    sin, cos = rope_sin_cos(12, 8, 1e4, torch.device("cpu"))
+    rope = rope_freqs(12, 8, 1e4, torch.device("cpu"))
     q, k = torch.randn(8), torch.randn(8)
-    score = lambda m, n: apply_rot_embed(q, sin[m], cos[m]) @ apply_rot_embed(k, sin[n], cos[n])  # noqa: E731
+    score = lambda m, n: apply_rope(q[None], rope[m:m + 1])[0] @ apply_rope(k[None], rope[n:n + 1])[0]  # noqa: E731
     torch.testing.assert_close(score(3, 1), score(10, 8))
     torch.testing.assert_close(score(5, 5), q @ k)
+    # the complex rotation equals timm's interleaved (half=False) rotary embedding
+    from timm.layers import freq_bands
+
+    angles = torch.outer(torch.arange(12.0), freq_bands(8, temperature=1e4, step=2)).repeat_interleave(2, -1)
+    x = torch.randn(3, 12, 8)
+    torch.testing.assert_close(apply_rope(x, rope), apply_rot_embed(x, angles.sin(), angles.cos()))
 
 
 def test_grad_checkpointing_gives_the_same_gradients() -> None:
