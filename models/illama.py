@@ -6,12 +6,13 @@ Transformer", arXiv 2404.06773; official code techmonsterwang/iLLaMA ``models/il
           -> RMSNorm -> head(x[:, -1])
 
 Soft mask (§3.3): with P = softmax(QK^T / sqrt(d)) and r = ``soft_mask_rate`` (1 = bidirectional, 0 = causal),
-  * ``mask_mode='official'`` (default): out = (P ⊙ (r·1 + (1-r)·tril(1))) V, not renormalised, as in the
-    released code that produced the paper's numbers. At r = 0 a patch row sums to < 1 and still depends on
-    later tokens through the softmax denominator ("leaky causal"); r = 1 runs fused SDPA, r < 1 an explicit
-    attention matrix.
-  * ``mask_mode='strict'``: out = r·softmax(S) V + (1-r)·softmax(S + causal bias) V, exactly causal at r = 0,
-    where it is one fused causal SDPA call (two fused calls while 0 < r < 1).
+  * ``mask_mode='strict'`` (default): out = r·softmax(S) V + (1-r)·softmax(S + causal bias) V: the causal
+    decoder the paper describes, exactly causal at r = 0 (most of training, and inference), where it is one
+    fused causal SDPA call (two fused calls while 0 < r < 1).
+  * ``mask_mode='official'``: out = (P ⊙ (r·1 + (1-r)·tril(1))) V, not renormalised, as in the released code
+    that produced the paper's numbers and checkpoints (use it to load those or reproduce them). At r = 0 a
+    patch row sums to < 1 and still depends on later tokens through the softmax denominator ("leaky
+    causal"); r = 1 runs fused SDPA, r < 1 an explicit attention matrix (slower).
 ``callbacks.soft_causal_mask.SoftCausalMask`` drives ``soft_mask_rate`` during training; a new model starts
 at r = 0, the state every recipe ends in (the rate is not part of the state_dict).
 
@@ -143,7 +144,7 @@ class ILLaMA(nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, mlp_align: int = 256, qkv_bias: bool = True,
-                 rope_theta: float = 1e4, class_token_position: str = "last", mask_mode: str = "official",
+                 rope_theta: float = 1e4, class_token_position: str = "last", mask_mode: str = "strict",
                  soft_mask_rate: float = 0.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_layer: Callable[..., nn.Module] | None = None, mlp_layer: Callable[..., nn.Module] | None = None):
         super().__init__()

@@ -85,7 +85,7 @@ def reference_forward(model: ILLaMA, x: torch.Tensor, rate: float) -> torch.Tens
 
 @pytest.mark.parametrize("rate", [0.0, 0.3, 1.0])
 def test_official_mode_equals_the_official_forward(rate: float) -> None:
-    model, x = tiny(), images()
+    model, x = tiny(mask_mode="official"), images()
     model.soft_mask_rate = rate
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference_forward(model, x, rate), rtol=1e-4, atol=1e-5)
