@@ -171,7 +171,7 @@ class MoFO(torch.optim.Optimizer):
         torch._foreach_add_([s["step"] for s in states], 1.0)
         if wd != 0:
             torch._foreach_mul_([p for p, _ in members], 1 - lr * wd)
-        order = sorted(range(len(members)), key=lambda i: (members[i][1] == members[i][0].numel(),
+        order = sorted(range(len(members)), key=lambda i: (members[i][1] >= members[i][0].numel(),
                                                            members[i][0].numel(), members[i][1]))
         chunk, total = [], 0
         for i in order:
@@ -198,16 +198,25 @@ class MoFO(torch.optim.Optimizer):
         for n in numels:
             offsets.append(offsets[-1] + n)
         step_buf[: offsets[-1]].zero_()
-        updates = [step_buf[o : o + n].view(p.shape) if p.is_contiguous() else torch.zeros_like(p, dtype=torch.float32)
-                   for p, o, n in zip(params, offsets[:-1], numels, strict=True)]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        updates = [step_buf[o : o + n].view(m.shape) if m.is_contiguous() else torch.zeros_like(m)
+                   for m, o, n in zip(exp_avgs, offsets[:-1], numels, strict=True)]  # u laid out as the state
         grads = [p.grad if dtype == torch.float32 else p.grad.float() for p in params]
-        exp_avgs = [s["exp_avg"] for s in states]
-        _adam_step_into(updates, grads, exp_avgs, [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-                        lr, beta1, beta2, eps)
+        steps = [s["step"] for s in states]
+        # the fused kernel walks raw memory: it needs u, g, m and v laid out alike (they may not be, e.g. a
+        # contiguous optimizer state resumed into a channels_last model); the rest take the foreach path
+        alike = [u.stride() == g.stride() == m.stride() == v.stride()
+                 for u, g, m, v in zip(updates, grads, exp_avgs, exp_avg_sqs, strict=True)]
+        for fused in (True, False):
+            idx = [i for i, a in enumerate(alike) if a == fused]
+            if idx:
+                _adam_step_into([updates[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                                [exp_avg_sqs[i] for i in idx], [steps[i] for i in idx], lr, beta1, beta2, eps,
+                                fused=fused)
         del grads
         groups: dict[tuple[int, int], list[int]] = {}  # filtered tensors by (numel, k); adjacent by the order
         for i, (p, k) in enumerate(members):
-            if k == p.numel():
+            if k >= p.numel():  # dense (bias / norm, α = 1) or empty
                 p.add_(updates[i])
             else:
                 groups.setdefault((p.numel(), k), []).append(i)
@@ -225,13 +234,14 @@ class MoFO(torch.optim.Optimizer):
 
 def _adam_step_into(
     out: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-    steps: list[Tensor], lr: float, beta1: float, beta2: float, eps: float,
+    steps: list[Tensor], lr: float, beta1: float, beta2: float, eps: float, fused: bool = True,
 ) -> None:
     """Adam's moments updated in place and its step −lr/(1−β1^t)·m/(√v/√(1−β2^t) + ε) written into the
-    zeroed ``out``. On CPU and CUDA this is torch's fused AdamW kernel run on the zero buffers as its
-    "parameters" (one pass instead of foreach's nine); elsewhere the same math with foreach ops."""
+    zeroed ``out``. On CPU and CUDA, with ``fused`` (all four tensors of an entry laid out alike), this is
+    torch's fused AdamW kernel run on the zero buffers as its "parameters" (one pass instead of foreach's
+    nine); otherwise the same math with foreach ops."""
     device = out[0].device
-    if device.type in ("cpu", "cuda"):
+    if fused and device.type in ("cpu", "cuda"):
         steps_here = steps if device.type == "cpu" else [s.to(device) for s in steps]
         torch._fused_adamw_(out, grads, exp_avgs, exp_avg_sqs, [], steps_here, lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -124,14 +125,16 @@ def _threshold_mask_forward(weight: Tensor, keep: int, owner: MagnitudeMask) -> 
     return torch.ops.aten.hardshrink(weight.detach(), _next_down(tau[0]))
 
 
-_SCRATCH: dict[torch.device, Tensor] = {}
+_SCRATCH = threading.local()  # per thread: {device: flat fp32 buffer}
 
 
 def _scratch(device: torch.device, numel: int) -> Tensor:
-    """One flat fp32 work buffer per device, grown to the largest layer (|W| and count flags)."""
-    buf = _SCRATCH.get(device)
+    """One flat fp32 work buffer per device and thread, grown to twice the largest masked layer (|W| and the
+    count flags; W − W⊙m in the backward)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buf = buffers.get(device)
     if buf is None or buf.numel() < numel:
-        buf = _SCRATCH[device] = torch.empty(numel, dtype=torch.float32, device=device)
+        buf = buffers[device] = torch.empty(numel, dtype=torch.float32, device=device)
     return buf
 
 
@@ -142,7 +145,11 @@ class _MaskedWeight(torch.autograd.Function):
     def forward(ctx, weight: Tensor, owner: MagnitudeMask) -> Tensor:  # type: ignore[override]
         keep = weight.numel() - math.floor(owner.sparsity * weight.numel())
         out = None
-        if weight.dtype == torch.float32 and weight.numel() > _SMALL_ROW and 0 < keep < weight.numel():
+        if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() > _SMALL_ROW
+                and 0 < keep < weight.numel() and not torch.compiler.is_compiling()
+                and not isinstance(weight, torch._subclasses.FakeTensor)):
+            # CPU only: there topk costs several passes; on GPUs it is one fast kernel and the search's
+            # host synchronisations would cost more than they save
             out = _threshold_mask_forward(weight, keep, owner)
         if out is None:  # small, low-precision or tied weights: the topk reference
             out = weight * magnitude_mask(weight, owner.sparsity)
@@ -158,8 +165,9 @@ class _MaskedWeight(torch.autograd.Function):
         weight, masked = ctx.saved_tensors
         # (1 − m)⊙W = W − W⊙m, exactly: 0 on kept entries (so their gradient is the upstream one, bit for
         # bit) and W on pruned ones; formed in the work buffer so only the result is a new tensor
+        reuse = weight.dtype == torch.float32 and weight.is_contiguous() and not torch.is_grad_enabled()
         pruned = torch.sub(weight, masked, out=_scratch(weight.device, weight.numel())[: weight.numel()].view_as(weight)
-                           ) if weight.dtype == torch.float32 and weight.is_contiguous() else weight - masked
+                           ) if reuse else weight - masked  # (create_graph=True needs a differentiable result)
         return torch.add(grad, pruned, alpha=ctx.decay), None
 
 

@@ -244,11 +244,13 @@ def topk_threshold(
     if scratch is None:
         scratch = torch.empty_like(a)
     # the scale of each row, to carry a hint over: the mean of a strided subsample (about 16K values, ~1%
-    # noise) costs a small part of a full pass, which matters while m ramps up over the first steps
-    means = a[:, :: max(1, n // 16384)].mean(1).tolist()
+    # noise; an odd stride, so it does not alias with power-of-two row widths) costs a small part of a full
+    # pass, which matters while m ramps up over the first steps
+    means = a[:, :: max(1, n // 16384) | 1].mean(1, dtype=torch.float64).tolist()
     hint = hint if hint is not None and len(hint) == n_rows else [(math.nan,) * 4] * n_rows
-    cold = [i for i, ((tau, slope, mean, _), now) in enumerate(zip(hint, means, strict=True))
-            if not (tau > 0 and math.isfinite(slope) and slope > 0 and mean > 0 and now > 0)]
+    cold = {i for i, ((tau, slope, mean, band), now) in enumerate(zip(hint, means, strict=True))
+            if not (0 < tau < math.inf and 0 < slope < math.inf and 0 < mean < math.inf and 0 < now < math.inf
+                    and math.isfinite(tau * now / mean) and band >= 0)}
     if cold:  # a sorted sample of each row: its quantile at k/N and a band of ±3σ of that estimate around it
         index = _sample_index(n, a.device) if index is None else index
         s = index.numel()

@@ -61,7 +61,10 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate the adjacent channel pairs (x_2j, x_2j+1) of x (..., N, head_dim) by ``freqs`` (N, head_dim/2),
     as LLaMA's ``apply_rotary_emb``: one complex multiply, in fp32. Same values as timm's
     ``apply_rot_embed(half=False)``, about 5x cheaper on CPU (no concatenations of rotated halves)."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    y = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if y.storage_offset() % 2 or any(stride % 2 for stride in y.stride()[:-1]) or y.stride(-1) != 1:
+        y = y.contiguous()  # view_as_complex needs (real, imag) pairs at even offsets
+    pairs = torch.view_as_complex(y.reshape(*y.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
 
 
@@ -297,6 +300,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ILLaMA) -> 
 
 
 def _create_illama(variant: str, pretrained: bool = False, **kwargs) -> ILLaMA:
+    if pretrained:  # the released weights were trained with the post-softmax mask: load them as such
+        kwargs.setdefault("mask_mode", "official")
     return build_model_with_cfg(ILLaMA, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 

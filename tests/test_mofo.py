@@ -251,3 +251,32 @@ def test_warm_search_takes_two_counts_and_zero_piles_stay_cheap(monkeypatch):
         assert torch.equal(a >= torch.tensor(tau).unsqueeze(1), a >= a.topk(k, dim=1).values[:, -1:])
         assert tau[1] == 0.0
         assert len(calls) <= (3 if step == 0 else 2)  # the first band comes from the cold sample
+
+
+def test_empty_tensors_and_mismatched_state_layouts_step_like_adamw():
+    """A zero-size parameter is skipped cleanly, and a contiguous optimizer state resumed into a channels_last
+    conv (the fused kernel would misread it) still gives AdamW's step at fraction 1."""
+    torch.manual_seed(0)
+    conv, empty = nn.Parameter(torch.randn(8, 4, 3, 3)), nn.Parameter(torch.zeros(0, 5))
+    ref = nn.Parameter(conv.detach().clone())
+    opt = MoFO([conv, empty], lr=1e-2, fraction=1.0)
+    ref_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.0)
+    grads = [torch.randn(8, 4, 3, 3) for _ in range(3)]
+    for i, g in enumerate(grads):
+        if i == 1:  # the state stays contiguous while the weight and its gradients become channels_last
+            conv.data = conv.data.contiguous(memory_format=torch.channels_last)
+        conv.grad = g.contiguous(memory_format=torch.channels_last) if i else g.clone()
+        empty.grad, ref.grad = torch.zeros(0, 5), g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(conv.detach(), ref.detach(), rtol=0, atol=1e-7)
+
+
+def test_threshold_survives_overflowing_and_infinite_rows():
+    a = torch.full((1, 10000), 3e34)
+    a[0, :100] = torch.arange(100, dtype=torch.float32) * 1e34
+    tau, hint = topk_threshold(a, 50)
+    b = a * 1.5  # sums past fp32's range (an fp32 mean overflows), and a few infinite entries
+    b[0, :3] = float("inf")
+    tau, _ = topk_threshold(b, 50, hint=hint)
+    assert torch.equal(b >= torch.tensor(tau).unsqueeze(1), b >= b.topk(50, dim=1).values[:, -1:])

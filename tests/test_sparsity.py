@@ -248,3 +248,13 @@ def test_per_step_masks_equal_the_topk_reference_while_training_and_under_ties()
     with torch.no_grad():  # four magnitudes only: the 90% cut falls inside a tie
         layer.parametrizations.weight.original.copy_(torch.randint(1, 5, (128, 256)).float())
     assert int((layer.weight == 0).sum()) == math.floor(0.9 * n)
+
+
+def test_double_backward_and_meta_forward_work_on_masked_layers():
+    layer = sparsify(nn.Linear(128, 64), {"": 0.9})
+    x = torch.randn(4, 128)
+    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), layer.parametrizations.weight.original, create_graph=True)
+    grad.sum().backward()  # a second-order term exists and flows back
+    with torch.device("meta"):
+        meta = sparsify(nn.Linear(128, 64), {"": 0.9})
+        assert meta(torch.empty(2, 128)).shape == (2, 64)
