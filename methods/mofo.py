@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from methods.topk_threshold import _SMALL_ROW, _sample_index, topk_threshold
+from methods.topk_threshold import topk_threshold
 
 _STACK_CAP = 1 << 25  # at most this many entries stacked per pass (bounds the scratch memory)
 
@@ -90,7 +90,6 @@ class MoFO(torch.optim.Optimizer):
                     "1.0 is AdamW)"
                 )
         self._buffers: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
-        self._index: dict[tuple, Tensor] = {}
         self._hints: dict[tuple, list[tuple[float, float, float, float]]] = {}  # (τ, density, mean, band)
 
     # ----------------------------------------------------------------------------------------- state
@@ -124,12 +123,6 @@ class MoFO(torch.optim.Optimizer):
             self._buffers[device] = bufs
         return bufs
 
-    def _index_for(self, device: torch.device, n: int) -> Tensor:
-        key = (device, n)
-        if key not in self._index:
-            self._index[key] = _sample_index(n, device)
-        return self._index[key]
-
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - the Optimizer signature
         loss = None
@@ -156,8 +149,7 @@ class MoFO(torch.optim.Optimizer):
     def _thresholds(self, absm: Tensor, k: int, scratch: Tensor, key: tuple) -> list[float]:
         """Per row of |m| (a stack of same-size tensors), the top-k threshold; ``key`` names the stack
         so the next step's search starts from this one's result."""
-        index = self._index_for(absm.device, absm.shape[1]) if absm.shape[1] > _SMALL_ROW else None
-        tau, self._hints[key] = topk_threshold(absm, k, scratch, index, self._hints.get(key))
+        tau, self._hints[key] = topk_threshold(absm, k, scratch, self._hints.get(key))
         return tau
 
     def _update(

@@ -9,6 +9,7 @@ directly among the few values inside. ``torch.topk`` / ``kthvalue`` cost several
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -29,8 +30,10 @@ _F32, _U32 = struct.Struct("<f"), struct.Struct("<I")
 _NUMPY_ON_CPU = True  # count with NumPy on CPU tensors (tests turn it off to exercise the torch path)
 
 
+@functools.lru_cache(maxsize=256)
 def _sample_index(numel: int, device: torch.device) -> Tensor:
-    """Fixed pseudo-random positions (sorted, for locality); the same on every rank and every step."""
+    """Fixed pseudo-random positions (sorted, for locality); the same on every rank and every step, and
+    cached, since every caller's rows keep their size."""
     gen = torch.Generator().manual_seed(numel)
     return torch.randperm(numel, generator=gen)[:_SAMPLE].sort().values.to(device)
 
@@ -205,7 +208,6 @@ def topk_threshold(
     a: Tensor,
     k: int,
     scratch: Tensor | None = None,
-    index: Tensor | None = None,
     hint: list[tuple[float, float, float, float]] | None = None,
     counts: list[int] | None = None,
 ) -> tuple[list[float], list[tuple[float, float, float, float]]]:
@@ -229,7 +231,6 @@ def topk_threshold(
         a: non-negative values, one row per tensor.
         k: how many entries of each row to select, 1 <= k <= N.
         scratch: a float tensor shaped like ``a`` (allocated when missing).
-        index: the sample positions (``_sample_index(N, device)`` when missing).
         hint: what the previous call returned, for the same rows.
         counts: if given, filled with ``#{a[i] >= τ[i]}`` per row: k, or more when the k-th value is tied.
     """
@@ -252,7 +253,7 @@ def topk_threshold(
             if not (0 < tau < math.inf and 0 < slope < math.inf and 0 < mean < math.inf and 0 < now < math.inf
                     and math.isfinite(tau * now / mean) and band >= 0)}
     if cold:  # a sorted sample of each row: its quantile at k/N and a band of ±3σ of that estimate around it
-        index = _sample_index(n, a.device) if index is None else index
+        index = _sample_index(n, a.device)
         s = index.numel()
         rank = k * s / n  # expected 1-based position of the k-th largest value in the sorted sample
         width = max(2, math.ceil(3 * math.sqrt(s * (k / n) * (1 - k / n))))

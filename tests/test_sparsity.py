@@ -251,10 +251,15 @@ def test_per_step_masks_equal_the_topk_reference_while_training_and_under_ties()
 
 
 def test_double_backward_and_meta_forward_work_on_masked_layers():
+    torch.manual_seed(0)
     layer = sparsify(nn.Linear(128, 64), {"": 0.9})
-    x = torch.randn(4, 128)
-    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), layer.parametrizations.weight.original, create_graph=True)
-    grad.sum().backward()  # a second-order term exists and flows back
+    w, x = layer.parametrizations.weight.original, torch.randn(4, 128)
+    (plain,) = torch.autograd.grad(layer(x).pow(2).sum(), w)
+    (grad,) = torch.autograd.grad(layer(x).pow(2).sum(), w, create_graph=True)
+    torch.testing.assert_close(grad, plain, rtol=0, atol=0)  # same first-order gradient, now differentiable
+    (hess_diag_sum,) = torch.autograd.grad(grad.sum(), w)
+    kept = layer.weight.detach() != 0
+    assert hess_diag_sum[kept].abs().sum() > 0  # second-order terms reach the kept weights
     with torch.device("meta"):
         meta = sparsify(nn.Linear(128, 64), {"": 0.9})
         assert meta(torch.empty(2, 128)).shape == (2, 64)
