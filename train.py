@@ -1,6 +1,6 @@
 """Train, validate, test or predict with any recipe: ``python train.py fit --config configs/quickstart.yaml``."""
 
-from lightning_modules.cli import main
+from effitrain.lightning_modules.cli import main
 
 if __name__ == "__main__":
     main()

@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from effitrain.methods.quantization import QuantLinear, average_bits
 from safetensors.torch import save_file
 from torch import nn
-
-from methods.quantization import QuantLinear, average_bits
 
 
 def main() -> None:

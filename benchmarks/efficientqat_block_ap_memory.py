@@ -27,7 +27,7 @@ import json, sys, torch, lightning as L
 from pathlib import Path
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
-from lightning_modules.efficientqat_block_ap import EfficientQATBlockAP
+from effitrain.lightning_modules.efficientqat_block_ap import EfficientQATBlockAP
 
 depth, folder = int(sys.argv[1]), sys.argv[2]
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from effitrain.datamodules.algorithmic import AlgorithmicDataModule
+from effitrain.methods.quantization import load_quantized, quantize_model_rtn, save_quantized
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
-
-from datamodules.algorithmic import AlgorithmicDataModule
-from methods.quantization import load_quantized, quantize_model_rtn, save_quantized
 
 
 @torch.no_grad()

@@ -15,16 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import effitrain.models  # noqa: E402,F401  (registers illama_*)
 import timm
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402,F401  (registers illama_*)
 
 SETTINGS = [("official", 0.0), ("official", 1.0), ("strict", 0.0), ("strict", 0.5)]
 

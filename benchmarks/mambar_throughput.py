@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
+import effitrain.models  # noqa: E402,F401  (registers mambar_* and illama_*)
 import timm
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402,F401  (registers mambar_* and illama_*)
 
 MODELS = ["mambar_tiny_patch16_224", "illama_tiny_patch16_224", "vit_tiny_patch16_224"]
 

@@ -16,15 +16,11 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from effitrain.methods.mofo import MoFO, mofo_param_groups  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from methods.mofo import MoFO, mofo_param_groups  # noqa: E402
 
 SIZES = {  # name: (vocab, hidden, intermediate, layers, heads)
     "5m": (4096, 256, 688, 4, 4),

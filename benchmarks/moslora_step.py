@@ -22,10 +22,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from effitrain.methods.moslora import MoSLoraConfig
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from methods.moslora import MoSLoraConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the paper's commonsense setting
 

@@ -1,6 +1,6 @@
 """Selective scan, forward + backward, at a Mamba-R-tiny layer's shapes: time and peak memory.
 
-Compares `models.selective_scan.selective_scan` (the chunked fast path) with a plain autograd loop over the
+Compares `effitrain.models.selective_scan.selective_scan` (the chunked fast path) with a plain autograd loop over the
 (batch, Di, N) state and with mambapy's `pscan` (Blelloch parallel scan; `pip install mambapy`, the `bench`
 extra), all with the same inputs in mamba-ssm's layout, softplus(Δ + bias) included.
 
@@ -23,13 +23,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
+from effitrain.models.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
 
 try:
     from mambapy.pscan import pscan

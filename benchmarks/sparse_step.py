@@ -1,7 +1,7 @@
 """Step time of UniPTS dynamic sparse training vs dense training, in one process.
 
 A training step (forward, backward, SGD step) of a timm ResNet with every Conv2d/Linear masked by
-magnitude at 90% on every forward (`methods.sparsity.sparsify`: top-k selection per layer, W⊙m, the
+magnitude at 90% on every forward (`effitrain.methods.sparsity.sparsify`: top-k selection per layer, W⊙m, the
 straight-through gradient plus λ(1 − m)⊙W), against the same step on the dense model. Steps alternate
 dense / masked so that load on a shared machine hits both alike; the ratio of medians is printed
 (target <= 1.15).
@@ -20,8 +20,7 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
-
-from methods.sparsity import prunable_layers, sparsify
+from effitrain.methods.sparsity import prunable_layers, sparsify
 
 
 def step_fn(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor):

@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from methods.incremental_tbptt import IncrementalTBPTT  # noqa: E402
-from methods.reservoir import RecencyWindow, ReservoirSampler  # noqa: E402
-from models.memory_lm import MemoryLM  # noqa: E402
+from effitrain.methods.incremental_tbptt import IncrementalTBPTT  # noqa: E402
+from effitrain.methods.reservoir import RecencyWindow, ReservoirSampler  # noqa: E402
+from effitrain.models.memory_lm import MemoryLM  # noqa: E402
 
 
 def build(args) -> tuple[MemoryLM, torch.Tensor]:
@@ -53,8 +49,8 @@ def build(args) -> tuple[MemoryLM, torch.Tensor]:
     ids = torch.randint(0, vocab, (1, args.segments * args.segment_length),
                         generator=torch.Generator().manual_seed(args.seed))
     if os.path.isdir(args.pretrained):  # real text from the built-in corpus
-        from datamodules.corpus import builtin_documents
-        from datamodules.tokenizer import load_tokenizer
+        from effitrain.datamodules.corpus import builtin_documents
+        from effitrain.datamodules.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.pretrained)
         text = " ".join(builtin_documents()[:200])

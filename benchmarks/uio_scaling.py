@@ -26,7 +26,6 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def peak_rss_mib() -> float:
@@ -34,9 +33,8 @@ def peak_rss_mib() -> float:
 
 
 def worker(args) -> None:
+    from effitrain.models.memory_lm import MemoryLM
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from models.memory_lm import MemoryLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=4096, hidden_size=args.hidden, intermediate_size=3 * args.hidden,

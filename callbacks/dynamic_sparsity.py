@@ -3,7 +3,7 @@
 Every forward, each sparsified layer computes with its largest-|W| weights (⌊p_l·n_l⌋ zeroed); the dense
 gradient reaches all of W plus λ·(1 − m)⊙W, so pruned weights keep their values and return when their
 magnitude crosses the threshold (official code: xjjxmu/UniPTS `utils/conv_type.py`). The mechanism is
-`methods.sparsity.sparsify`; this callback decides when it is applied, logs the realized sparsity, keeps
+`effitrain.methods.sparsity.sparsify`; this callback decides when it is applied, logs the realized sparsity, keeps
 the per-layer sparsities in the checkpoint and bakes the zeros in at the end of fit (so an export written
 in the LightningModule's `on_fit_end` is a plain dense model with zeros).
 
@@ -17,10 +17,15 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from effitrain.methods.sparsity import (
+    global_sparsity,
+    layer_sparsities,
+    prunable_layers,
+    remove_sparsity,
+    sparsify,
+)
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-
-from methods.sparsity import global_sparsity, layer_sparsities, prunable_layers, remove_sparsity, sparsify
 
 
 class DynamicSparsity(L.Callback):
@@ -84,7 +89,7 @@ class DynamicSparsity(L.Callback):
                 net.get_submodule(name)
             except AttributeError:
                 raise KeyError(f"DynamicSparsity: {name!r} is not a layer of {type(net).__name__}; names are "
-                               "relative to `module_attr` (see methods.sparsity.prunable_layers).") from None
+                               "relative to `module_attr` (see effitrain.methods.sparsity.prunable_layers).") from None
         plan = self.planned(net)
         sparsify(net, plan, decay=self.decay)
         self._network = net

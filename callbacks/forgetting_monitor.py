@@ -6,10 +6,10 @@ pretrained θ0; this callback logs both sides of that claim during any fine-tuni
 
     trainer:
       callbacks:
-        - class_path: callbacks.forgetting_monitor.ForgettingMonitor
+        - class_path: effitrain.callbacks.forgetting_monitor.ForgettingMonitor
           init_args:
             reference_data:            # any LightningDataModule; its val_dataloader() is used
-              class_path: datamodules.text.TextDataModule
+              class_path: effitrain.datamodules.text.TextDataModule
               init_args: {source: builtin, tokenizer: artifacts/tiny_llama, block_size: 128}
             every_n_steps: 50
 """

@@ -2,7 +2,7 @@
 
 Xie et al., CVPR 2024, Sec. 3.2 (official code: xjjxmu/UniPTS `main.py`, `genetic_algorithm`). Every
 layer is reduced to P + δ and δ·N weights are regrown by a softmax over genes; the genes evolve with
-fitness = calibration top-1 after magnitude masks and a BatchNorm recalibration (`methods.sparsity`).
+fitness = calibration top-1 after magnitude masks and a BatchNorm recalibration (`effitrain.methods.sparsity`).
 
 One rank searches (rank 0) and the result is broadcast, so every rank applies the same sparsities. The
 result is kept in the checkpoint: a resumed run does not search again. The search covers the layers that
@@ -19,10 +19,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from effitrain.methods.sparsity import calibrated_accuracy, evolutionary_search, layer_sparsities, sparsify
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-
-from methods.sparsity import calibrated_accuracy, evolutionary_search, layer_sparsities, sparsify
 
 
 class _FirstBatches:
@@ -130,7 +129,7 @@ class SparsitySearch(L.Callback):
         net = self._network(pl_module)
         if not layer_sparsities(net):  # the same on every rank: no rank reaches the broadcast alone
             raise ValueError("SparsitySearch searches the sparsities of the masked layers, and none is masked: add "
-                             "`callbacks.dynamic_sparsity.DynamicSparsity` to trainer.callbacks.")
+                             "`effitrain.callbacks.dynamic_sparsity.DynamicSparsity` to trainer.callbacks.")
         if self.result is None:
             found = self.search(trainer, pl_module) if trainer.is_global_zero else None
             self.result, self.fitness = trainer.strategy.broadcast(found, src=0)

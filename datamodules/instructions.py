@@ -11,12 +11,11 @@ import random
 
 import lightning as L
 import torch
+from effitrain.datamodules.corpus import split_documents
+from effitrain.datamodules.sources import load_records
+from effitrain.datamodules.tokenizer import load_tokenizer
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-
-from datamodules.corpus import split_documents
-from datamodules.sources import load_records
-from datamodules.tokenizer import load_tokenizer
 
 PROMPT = "Below is an instruction that describes a task. Write a response that completes the request.\n\n"
 TEMPLATE = PROMPT + "### Instruction:\n{instruction}\n\n### Response:\n"

@@ -17,12 +17,11 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
+from effitrain.datamodules.sources import load_documents
+from effitrain.datamodules.text import PackedBlocks, TextDataModule
+from effitrain.datamodules.tokenizer import load_tokenizer
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-
-from datamodules.sources import load_documents
-from datamodules.text import PackedBlocks, TextDataModule
-from datamodules.tokenizer import load_tokenizer
 
 CLASSIC_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 

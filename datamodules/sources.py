@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datamodules.corpus import builtin_documents
+from effitrain.datamodules.corpus import builtin_documents
 
 TEXT_SUFFIXES = (".txt", ".md")
 RECORD_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}

@@ -1,6 +1,6 @@
 """Causal language-modelling data: documents packed into fixed-length blocks.
 
-Documents come from ``datamodules.sources`` (built-in corpus, local files, hub). They are split into
+Documents come from ``effitrain.datamodules.sources`` (built-in corpus, local files, hub). They are split into
 train/val by document at random (seeded), tokenized (a pretrained tokenizer, or a byte-level BPE trained on
 the training documents), joined with EOS and cut into blocks of ``block_size`` tokens. Token streams and the
 trained tokenizer are cached under ``cache_dir`` keyed by everything that changes them, so a second run does
@@ -19,12 +19,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from effitrain.datamodules.corpus import split_documents
+from effitrain.datamodules.sources import load_documents, local_files, looks_like_path
+from effitrain.datamodules.tokenizer import load_tokenizer, train_bpe_tokenizer
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-
-from datamodules.corpus import split_documents
-from datamodules.sources import load_documents, local_files, looks_like_path
-from datamodules.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 
 def default_cache_dir() -> str:

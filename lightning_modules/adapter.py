@@ -1,6 +1,6 @@
 """The adapter fine-tuning path shared by `AdapterCausalLM` and `AdapterImageClassifier`.
 
-Any peft config given in YAML (`peft.LoraConfig`, `methods.moslora.MoSLoraConfig`, LoRA with
+Any peft config given in YAML (`peft.LoraConfig`, `effitrain.methods.moslora.MoSLoraConfig`, LoRA with
 `use_dora: true`, ...) is applied with `get_peft_model`, so only the adapter's parameters require grad and
 reach the optimizer (`TrainModule.param_groups`). Lightning checkpoints keep only those trainable tensors
 (the frozen base is rebuilt from `pretrained` at resume, hence `strict_loading = False`). At the end of
@@ -23,7 +23,7 @@ def attach_adapter(model: nn.Module, adapter: PeftConfig) -> PeftModel:
     """Wrap `model` with `adapter`; fails early on a config that is no peft config or trains nothing."""
     if not isinstance(adapter, PeftConfig):
         raise TypeError(
-            f"`adapter` must be a peft config (e.g. class_path: peft.LoraConfig or methods.moslora.MoSLoraConfig), "
+            f"`adapter` must be a peft config (e.g. class_path: peft.LoraConfig or effitrain.methods.moslora.MoSLoraConfig), "
             f"got {type(adapter).__name__}."
         )
     peft_model = get_peft_model(model, adapter)

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from effitrain.lightning_modules.adapter import AdapterMixin, merged_state_dict
+from effitrain.lightning_modules.causal_lm import CausalLM
 from peft import PeftConfig
-
-from lightning_modules.adapter import AdapterMixin, merged_state_dict
-from lightning_modules.causal_lm import CausalLM
 
 
 class AdapterCausalLM(AdapterMixin, CausalLM):
     """`CausalLM` with a frozen base and a trainable peft adapter.
 
     Args:
-        adapter: a peft config, e.g. `class_path: methods.moslora.MoSLoraConfig` with its `init_args`.
+        adapter: a peft config, e.g. `class_path: effitrain.methods.moslora.MoSLoraConfig` with its `init_args`.
         merged_dir: also write the merged model here at the end of `fit` (`AutoModelForCausalLM` loads it).
         **kwargs: `CausalLM`'s arguments (`pretrained`, `optimizer`, `lr_scheduler`, `export_dir`, ...).
             `export_dir` receives the peft adapter folder and the tokenizer.

@@ -8,10 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import timm
+from effitrain.lightning_modules.adapter import AdapterMixin, merged_state_dict
+from effitrain.lightning_modules.image_classifier import ImageClassifier
 from peft import PeftConfig
-
-from lightning_modules.adapter import AdapterMixin, merged_state_dict
-from lightning_modules.image_classifier import ImageClassifier
 
 
 class AdapterImageClassifier(AdapterMixin, ImageClassifier):

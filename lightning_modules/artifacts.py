@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+from effitrain.lightning_modules.config_files import CONFIG_ROOT
 
 
 def producing_configs(path: str) -> list[str]:
@@ -26,7 +26,11 @@ def require_local_model(path: str, what: str = "starting model") -> None:
     makers = producing_configs(path)
     hint = (f"Make it first: `python train.py fit --config {makers[0]}`." if makers
             else "Give an existing folder or a hub name.")
-    raise FileNotFoundError(f"The {what} {path!r} does not exist. {hint}")
+    raise MissingArtifactError(f"The {what} {path!r} does not exist. {hint}")
+
+
+class MissingArtifactError(FileNotFoundError):
+    """A model folder that a recipe starts from is missing; the message names the command that makes it."""
 
 
 def is_local_reference(name: str) -> bool:

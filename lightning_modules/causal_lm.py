@@ -10,13 +10,12 @@ import time
 from typing import Any
 
 import torch
+from effitrain.lightning_modules.artifacts import is_local_reference, require_local_model
+from effitrain.lightning_modules.base import TrainModule, adamw
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
-
-from lightning_modules.artifacts import is_local_reference, require_local_model
-from lightning_modules.base import TrainModule, adamw
 
 #: The quickstart's tiny LLaMA (5.5M parameters): widths are multiples of 128 so that group-wise
 #: quantization with g = 64 or 128 divides every Linear.

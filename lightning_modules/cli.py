@@ -1,31 +1,51 @@
-"""The command line: ``python train.py fit --config configs/X.yaml`` (or the ``effitrain`` script).
+"""The command line: ``effitrain fit --config quickstart`` (or ``python train.py fit --config configs/X.yaml``).
 
-A ``LightningCLI`` in subclass mode for model and data. ``configs/trainer/default.yaml`` is loaded before any
-``--config``. The common callbacks are forced sections (``checkpoint``, ``progress_bar``, ``lr_monitor``,
-``finite_loss``), so a recipe's ``trainer.callbacks`` list, which replaces earlier lists, cannot drop them.
+A ``LightningCLI`` in subclass mode for model and data. The packaged ``trainer/default.yaml`` is loaded
+before any ``--config``; a ``--config`` is a path or the name of a packaged recipe. The common callbacks are
+forced sections (``checkpoint``, ``progress_bar``, ``lr_monitor``, ``finite_loss``), so a recipe's
+``trainer.callbacks`` list, which replaces earlier lists, cannot drop them; the standard Trainer flags
+(``enable_progress_bar``, ``enable_checkpointing``, ``logger``) still switch theirs off.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import sys
 
 import lightning as L
+from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
+from effitrain.lightning_modules.config_files import DEFAULT_TRAINER_CONFIG, resolve_config_args
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
 
-from callbacks.finite_loss_guard import FiniteLossGuard
+FORCED_CALLBACKS = {
+    "checkpoint": ModelCheckpoint,
+    "progress_bar": RichProgressBar,
+    "lr_monitor": LearningRateMonitor,
+    "finite_loss": FiniteLossGuard,
+}
 
-DEFAULT_TRAINER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "trainer" / "default.yaml"
+
+def _switched_off(trainer: dict) -> set[str]:
+    """The forced callbacks a standard Trainer flag turns off (Lightning refuses them beside the flag)."""
+    off = set()
+    if trainer.get("enable_progress_bar") is False:
+        off.add("progress_bar")
+    if trainer.get("enable_checkpointing") is False:
+        off.add("checkpoint")
+    if trainer.get("logger") is False:  # LearningRateMonitor needs a logger
+        off.add("lr_monitor")
+    return off
 
 
 class EffitrainCLI(LightningCLI):
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.add_lightning_class_args(FiniteLossGuard, "finite_loss")
+        for key, callback in FORCED_CALLBACKS.items():
+            parser.add_lightning_class_args(callback, key)
 
+    @override
     def before_instantiate_classes(self) -> None:
         # A fixed checkpoint folder per run root, so `--ckpt_path last` finds the previous run's last.ckpt
         # (the logger's version folder changes on every launch).
@@ -34,15 +54,35 @@ class EffitrainCLI(LightningCLI):
             root = config.trainer.default_root_dir or "."
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
 
+    @override
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = {**config.get("trainer", {}), **kwargs}
+        off = _switched_off(trainer_config)
+        forced = [config[key] for key in FORCED_CALLBACKS if key not in off and config.get(key) is not None]
+        # Private in Lightning 2.5/2.6 (tests/test_compat.py names it): appends the forced callbacks and the
+        # config-saving callback to the trainer's own list.
+        return self._instantiate_trainer(trainer_config, forced)
 
-def main(args: list[str] | None = None, run: bool = True) -> EffitrainCLI:
-    defaults = [str(DEFAULT_TRAINER_CONFIG)] if DEFAULT_TRAINER_CONFIG.exists() else []
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> EffitrainCLI:
+    """The CLI object (tests and notebooks use this; the console script uses :func:`main`)."""
+    args = resolve_config_args(sys.argv[1:] if args is None else list(args))
     return EffitrainCLI(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={cmd: {"default_config_files": defaults} for cmd in ("fit", "validate", "test", "predict")},
+        parser_kwargs={cmd: {"default_config_files": [str(DEFAULT_TRAINER_CONFIG)]}
+                       for cmd in ("fit", "validate", "test", "predict")},
         args=args, run=run,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``effitrain`` console script: exit status 0 on success; a missing input ends with one message."""
+    try:
+        build_cli(args)
+    except FileNotFoundError as err:  # a missing starting model (MissingArtifactError) or data path
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

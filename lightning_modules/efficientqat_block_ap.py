@@ -27,12 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
-
-from lightning_modules.base import TrainModule
-from lightning_modules.causal_lm import load_causal_lm
-from methods.block_ap import (
+from effitrain.lightning_modules.base import TrainModule
+from effitrain.lightning_modules.causal_lm import load_causal_lm
+from effitrain.methods.block_ap import (
     ActivationCache,
     block_mse,
     block_output,
@@ -43,7 +40,7 @@ from methods.block_ap import (
     trainable_groups,
     wrap_block,
 )
-from methods.quantization import (
+from effitrain.methods.quantization import (
     SUPPORTED_BITS,
     decoder_blocks,
     named_linears,
@@ -51,6 +48,8 @@ from methods.quantization import (
     resolve_group_size,
     save_quantized,
 )
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
 
 def adamw_no_decay(params) -> torch.optim.Optimizer:
@@ -83,7 +82,7 @@ class EfficientQATBlockAP(TrainModule):
             raise ValueError(f"bits={bits} is not supported: use one of {SUPPORTED_BITS}.")
         if epochs_per_block < 1:
             raise ValueError(f"epochs_per_block must be >= 1 (got {epochs_per_block}); for round-to-nearest use "
-                             "methods.quantization.quantize_model_rtn.")
+                             "effitrain.methods.quantization.quantize_model_rtn.")
         if min_lr_factor < 1:
             raise ValueError(f"min_lr_factor must be >= 1, got {min_lr_factor}.")
         self.save_hyperparameters(ignore=["optimizer"])

@@ -15,14 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from effitrain.lightning_modules.artifacts import require_local_model
+from effitrain.lightning_modules.base import TrainModule
+from effitrain.lightning_modules.causal_lm import CausalLM
+from effitrain.methods.quantization import QuantLinear, load_quantized, save_quantized
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
-
-from lightning_modules.artifacts import require_local_model
-from lightning_modules.base import TrainModule
-from lightning_modules.causal_lm import CausalLM
-from methods.quantization import QuantLinear, load_quantized, save_quantized
 
 
 def adamw_e2e(params) -> torch.optim.Optimizer:
@@ -33,7 +32,7 @@ class EfficientQATE2EQP(CausalLM):
     """E2E-QP: train only the step sizes of a packed low-bit causal LM.
 
     Args:
-        pretrained: a folder written by the Block-AP recipe (or ``methods.quantization.save_quantized``).
+        pretrained: a folder written by the Block-AP recipe (or ``effitrain.methods.quantization.save_quantized``).
         gradient_checkpointing: recompute activations in the backward pass (large models).
         optimizer, lr_scheduler: as for every recipe; the parameters are the scales only.
         export_dir: where the packed model with the trained scales is written.

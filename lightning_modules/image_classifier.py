@@ -9,18 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import effitrain.models  # noqa: F401  (registers this project's architectures with timm)
 import timm
 import torch
 import torch.nn.functional as F
+from effitrain.lightning_modules.artifacts import is_local_reference, require_local_model
+from effitrain.lightning_modules.base import TrainModule, adamw, no_decay_groups
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
-
-import models  # noqa: F401  (registers this project's architectures with timm)
-from lightning_modules.artifacts import is_local_reference, require_local_model
-from lightning_modules.base import TrainModule, adamw, no_decay_groups
 
 
 def create_timm_model(model_name: str, num_classes: int, pretrained: str | None = None, **kwargs) -> torch.nn.Module:

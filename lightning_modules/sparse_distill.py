@@ -4,7 +4,7 @@ The student is the ``ImageClassifier``'s network, started from a dense trained m
 made sparse by the ``DynamicSparsity`` callback (per-layer sparsities from ``SparsitySearch``). The teacher
 is a frozen copy of that dense model, taken before any mask: it is no submodule, so it is neither in the
 optimizer nor in the checkpoint (it is rebuilt from ``pretrained`` on resume). The only loss is UniPTS's
-base-decayed objective (``methods.distillation``, Sec. 3.1); labels are used for the validation metrics.
+base-decayed objective (``effitrain.methods.distillation``, Sec. 3.1); labels are used for the validation metrics.
 
 Run::
 
@@ -18,10 +18,9 @@ import copy
 from typing import Any, Literal
 
 import torch
+from effitrain.lightning_modules.image_classifier import ImageClassifier
+from effitrain.methods.distillation import base_decayed_kd_loss, decayed_base, kd_loss
 from lightning.pytorch.utilities import rank_zero_warn
-
-from lightning_modules.image_classifier import ImageClassifier
-from methods.distillation import base_decayed_kd_loss, decayed_base, kd_loss
 
 Objective = Literal["base_decayed", "kl", "ce"]
 

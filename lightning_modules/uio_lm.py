@@ -4,7 +4,7 @@ Manual optimisation, one optimiser step per batch of sequences:
 
 1. per segment t: decoder on x_t with the memory leaves m̃_1..m̃_{t-1} → J_t; backward J_t (fresh leaf gradients
    scaled by max(1, (t-1)/S) when ``compensate``); encode x_t → m_t; reservoir insert, flushing the graph it
-   evicts (``methods.incremental_tbptt``);
+   evicts (``effitrain.methods.incremental_tbptt``);
 2. flush the graphs still alive; one all-reduce (mean) of the trainable gradients across ranks;
 3. clip the global norm, optimiser step, scheduler step.
 
@@ -23,19 +23,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from effitrain.lightning_modules.base import TrainModule, adamw, no_decay_groups
+from effitrain.lightning_modules.causal_lm import load_causal_lm
+from effitrain.methods.incremental_tbptt import IncrementalTBPTT
+from effitrain.methods.reservoir import RecencyWindow, ReservoirSampler
+from effitrain.models.memory_lm import MemoryLM, MemoryMode
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_modules.base import TrainModule, adamw, no_decay_groups
-from lightning_modules.causal_lm import load_causal_lm
-from methods.incremental_tbptt import IncrementalTBPTT
-from methods.reservoir import RecencyWindow, ReservoirSampler
-from models.memory_lm import MemoryLM, MemoryMode
-
 
 class UIOLM(TrainModule):
-    """Memory LM (``models.memory_lm.MemoryLM``) trained with (unbiased) incremental TBPTT.
+    """Memory LM (``effitrain.models.memory_lm.MemoryLM``) trained with (unbiased) incremental TBPTT.
 
     Args:
         pretrained: the frozen base (a local folder or hub name); ``None`` builds one from ``config``.

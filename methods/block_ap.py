@@ -20,9 +20,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from effitrain.methods.quantization import (
+    FakeQuantLinear,
+    QuantLinear,
+    decoder_blocks,
+    named_linears,
+    replace_module,
+)
 from torch import nn
-
-from methods.quantization import FakeQuantLinear, QuantLinear, decoder_blocks, named_linears, replace_module
 
 
 class ActivationCache:

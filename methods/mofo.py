@@ -28,9 +28,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from effitrain.methods.topk_threshold import topk_threshold
 from torch import Tensor, nn
-
-from methods.topk_threshold import topk_threshold
 
 _STACK_CAP = 1 << 25  # at most this many entries stacked per pass (bounds the scratch memory)
 

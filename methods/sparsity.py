@@ -46,10 +46,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from effitrain.methods.topk_threshold import _SMALL_ROW, _next_down, topk_threshold
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-
-from methods.topk_threshold import _SMALL_ROW, _next_down, topk_threshold
 
 __all__ = [
     "MagnitudeMask",
@@ -110,7 +109,7 @@ def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
 
 
 def _threshold_mask_forward(weight: Tensor, keep: int, owner: MagnitudeMask) -> Tensor | None:
-    """W⊙m for the ``keep`` largest |W| by an exact counted threshold τ (``methods.topk_threshold``),
+    """W⊙m for the ``keep`` largest |W| by an exact counted threshold τ (``effitrain.methods.topk_threshold``),
     warm-started from the owner's previous τ: weights move little per step, so this costs a few passes
     instead of a ``topk``. ``hardshrink`` at the float just below τ keeps exactly |W| >= τ in one pass.
     Returns None when |W| is tied at τ (the mask would keep more than ``keep``: use the topk path)."""

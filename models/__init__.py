@@ -1,6 +1,6 @@
 """Architectures of this project, registered with timm / transformers on import."""
 
-from models import (
+from effitrain.models import (
     illama,  # noqa: F401  (registers illama_* and test_illama with timm)
     mamba_r,  # noqa: F401  (registers mambar_* and test_mambar with timm)
 )

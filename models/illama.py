@@ -13,7 +13,7 @@ Soft mask (§3.3): with P = softmax(QK^T / sqrt(d)) and r = ``soft_mask_rate`` (
     that produced the paper's numbers and checkpoints (use it to load those or reproduce them). At r = 0 a
     patch row sums to < 1 and still depends on later tokens through the softmax denominator ("leaky
     causal"); r = 1 runs fused SDPA, r < 1 an explicit attention matrix (slower).
-``callbacks.soft_causal_mask.SoftCausalMask`` drives ``soft_mask_rate`` during training; a new model starts
+``effitrain.callbacks.soft_causal_mask.SoftCausalMask`` drives ``soft_mask_rate`` during training; a new model starts
 at r = 0, the state every recipe ends in (the rate is not part of the state_dict).
 
 Built from ``timm.layers`` (PatchEmbed, RmsNormFp32, SwiGLU, DropPath, RoPE frequencies from ``freq_bands``,

@@ -9,7 +9,7 @@ arXiv 2405.14858; official code wangf3014/Mamba-Reg ``models_mamba.py``, ``utils
 
 BiMamba (Vim's bidirectional mixer): in_proj / out_proj shared, one causal depthwise conv, x_proj, dt_proj,
 A_log and D per direction; the backward direction scans the flipped sequence (z included) and is flipped
-back; out = out_proj((y_fwd + y_bwd) / 2). The scan is ``models.selective_scan.selective_scan`` (mamba-ssm's
+back; out = out_proj((y_fwd + y_bwd) / 2). The scan is ``effitrain.models.selective_scan.selective_scan`` (mamba-ssm's
 CUDA kernel on a GPU when installed, else the chunked pure-PyTorch scan).
 
 With ``num_registers=1`` the single register sits at n_patches // 2 and is read alone: Vim's middle class
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from effitrain.models.selective_scan import IMPLEMENTATIONS, selective_scan
 from timm.layers import (
     DropPath,
     PatchEmbed,
@@ -41,8 +42,6 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from torch import nn
-
-from models.selective_scan import IMPLEMENTATIONS, selective_scan
 
 __all__ = ["MambaR", "BiMambaMixer", "register_layout"]
 
@@ -156,7 +155,7 @@ class MambaR(nn.Module):
         norm_eps: RMSNorm eps (1e-5).
         dynamic_img_size: accept any image size at run time (pos_embed resampled and registers re-placed per
             call); otherwise the size is fixed at build time (``set_input_size`` changes it).
-        scan_impl, scan_chunk_size: selective-scan backend, see ``models.selective_scan.selective_scan``.
+        scan_impl, scan_chunk_size: selective-scan backend, see ``effitrain.models.selective_scan.selective_scan``.
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,

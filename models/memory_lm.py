@@ -27,12 +27,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from effitrain.methods.incremental_tbptt import IncrementalTBPTT
 from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
-
-from methods.incremental_tbptt import IncrementalTBPTT
 
 ENCODER_ADAPTER, TRANSFER_ADAPTER = "uio_encoder", "uio_transfer"
 KVCache = list[tuple[Tensor, Tensor]]

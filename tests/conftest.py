@@ -25,7 +25,7 @@ def effitrain_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """A folder of 60 .txt documents from the pydoc topics (fast to tokenize)."""
-    from datamodules.corpus import pydoc_topics
+    from effitrain.datamodules.corpus import pydoc_topics
 
     folder = tmp_path_factory.mktemp("corpus")
     for i, text in enumerate(pydoc_topics()[:60]):
@@ -36,9 +36,8 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, small_corpus) -> Path:
     """A tiny random LLaMA (width 128, 2 layers) saved with a 512-token BPE, as ``from_pretrained`` expects."""
+    from effitrain.datamodules.tokenizer import train_bpe_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from datamodules.tokenizer import train_bpe_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny_llama")
     tokenizer = train_bpe_tokenizer((p.read_text() for p in sorted(small_corpus.glob("*.txt"))), vocab_size=512)
@@ -51,12 +50,12 @@ def tiny_lm_dir(tmp_path_factory, small_corpus) -> Path:
 
 def run_cli(args: list[str], cwd: Path | None = None):
     """Run the CLI in this process (faster than a subprocess) from ``cwd``; returns the LightningCLI."""
-    from lightning_modules.cli import main
+    from effitrain.lightning_modules.cli import build_cli
 
     previous = Path.cwd()
     if cwd is not None:
         os.chdir(cwd)
     try:
-        return main(args)
+        return build_cli(args)
     finally:
         os.chdir(previous)

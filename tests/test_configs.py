@@ -11,10 +11,9 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import REPO, run_cli
+from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-
-from callbacks.finite_loss_guard import FiniteLossGuard
-from tests.conftest import REPO, run_cli
 
 CONFIGS = REPO / "configs"
 FRAGMENTS = sorted(p for d in ("trainer", "data", "callbacks") for p in (CONFIGS / d).glob("*.yaml"))

@@ -7,11 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from datamodules.corpus import builtin_documents, split_documents
-from datamodules.images import ImageDataModule
-from datamodules.instructions import InstructionDataModule, arithmetic_records
-from datamodules.text import TextDataModule
+from effitrain.datamodules.corpus import builtin_documents, split_documents
+from effitrain.datamodules.images import ImageDataModule
+from effitrain.datamodules.instructions import InstructionDataModule, arithmetic_records
+from effitrain.datamodules.text import TextDataModule
 
 
 def test_split_is_random_by_document_deterministic_and_disjoint():
@@ -37,7 +36,7 @@ def test_text_packs_blocks_and_caches_tokens(small_corpus, tmp_path, monkeypatch
     eos = dm.tokenizer.eos_token_id
     assert int((np.asarray(dm.train_tokens) == eos).sum()) == 54  # 60 documents, 10% held out, one EOS each
     # A second datamodule reads the cache: tokenizing again would fail here.
-    monkeypatch.setattr("datamodules.text._tokenize_and_join", lambda *a: pytest.fail("re-tokenized"))
+    monkeypatch.setattr("effitrain.datamodules.text._tokenize_and_join", lambda *a: pytest.fail("re-tokenized"))
     again = TextDataModule(source=str(small_corpus), vocab_size=512, block_size=32, cache_dir=str(tmp_path))
     again.setup()
     assert np.array_equal(again.train_tokens, dm.train_tokens)

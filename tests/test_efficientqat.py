@@ -6,12 +6,11 @@ import json
 import lightning as L
 import pytest
 import torch
+from effitrain.lightning_modules.efficientqat_block_ap import EfficientQATBlockAP
+from effitrain.lightning_modules.efficientqat_e2e_qp import EfficientQATE2EQP
+from effitrain.methods.quantization import QuantLinear, load_quantized
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from lightning_modules.efficientqat_block_ap import EfficientQATBlockAP
-from lightning_modules.efficientqat_e2e_qp import EfficientQATE2EQP
-from methods.quantization import QuantLinear, load_quantized
 
 
 class RandomTokens(Dataset):

@@ -10,13 +10,12 @@ import math
 import lightning as L
 import pytest
 import torch
+from conftest import REPO, run_cli
+from effitrain.callbacks.forgetting_monitor import ForgettingMonitor
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from callbacks.forgetting_monitor import ForgettingMonitor
-from tests.conftest import REPO, run_cli
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -170,4 +169,4 @@ def test_fragment_composes_with_the_lora_recipe(capsys):
     with pytest.raises(SystemExit):
         run_cli(args)
     out = capsys.readouterr().out
-    assert "callbacks.forgetting_monitor.ForgettingMonitor" in out and "peft.LoraConfig" in out
+    assert "effitrain.callbacks.forgetting_monitor.ForgettingMonitor" in out and "peft.LoraConfig" in out

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import math
 
+import effitrain.models  # noqa: F401  (registers the iLLaMA variants)
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-
-import models  # noqa: F401  (registers the iLLaMA variants)
-from models.illama import ILLaMA, SoftMaskAttention, checkpoint_filter_fn
+from effitrain.models.illama import ILLaMA, SoftMaskAttention, checkpoint_filter_fn
 
 PARAMS = {  # the official logs' n_parameters
     "illama_tiny_patch16_224": (5_701_096, 512),
@@ -92,7 +91,7 @@ def test_official_mode_equals_the_official_forward(rate: float) -> None:
 
 
 def test_rate_one_is_bidirectional_and_strict_mixes_two_softmaxes() -> None:
-    from models.illama import rope_freqs
+    from effitrain.models.illama import rope_freqs
 
     attn, x = SoftMaskAttention(16, 2).eval(), torch.randn(2, 5, 16)
     rope = rope_freqs(5, 8, 1e4, x.device)
@@ -139,9 +138,8 @@ def test_front_class_token_with_causal_mask_sees_no_image() -> None:
 
 
 def test_rope_scores_depend_only_on_relative_position() -> None:
+    from effitrain.models.illama import apply_rope, rope_freqs
     from timm.layers import apply_rot_embed
-
-    from models.illama import apply_rope, rope_freqs
 
     rope = rope_freqs(12, 8, 1e4, torch.device("cpu"))
     q, k = torch.randn(8), torch.randn(8)
@@ -169,7 +167,7 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_timm_interface_and_no_weight_decay_groups() -> None:
-    from lightning_modules.base import no_decay_groups
+    from effitrain.lightning_modules.base import no_decay_groups
 
     model = tiny()
     assert model.no_weight_decay() == {"pos_embed", "cls_token"}

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import effitrain.models  # noqa: F401  (registers test_illama)
 import lightning as L
 import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from effitrain.callbacks.soft_causal_mask import SoftCausalMask, soft_mask_rate_at
 from torch.utils.data import DataLoader, TensorDataset
-
-import models  # noqa: F401  (registers test_illama)
-from callbacks.soft_causal_mask import SoftCausalMask, soft_mask_rate_at
 
 
 def official_schedule(cutoff_steps: int, total: int, schedule: str, start: float = 1.0) -> np.ndarray:

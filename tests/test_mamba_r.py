@@ -1,11 +1,10 @@
 """Mamba-R (arXiv 2405.14858): sizes, register layout, causality of each scan direction, resizing."""
 
+import effitrain.models  # noqa: F401  (registers the mambar_* models)
 import pytest
 import timm
 import torch
-
-import models  # noqa: F401  (registers the mambar_* models)
-from models.mamba_r import BiMambaMixer, MambaR, checkpoint_filter_fn, register_layout
+from effitrain.models.mamba_r import BiMambaMixer, MambaR, checkpoint_filter_fn, register_layout
 
 # counted from the official models_mamba.py at 224 px and 1000 classes
 SIZES = {

@@ -8,9 +8,8 @@ import copy
 import lightning as L
 import pytest
 import torch
+from effitrain.methods.mofo import MoFO, mofo_param_groups, topk_threshold
 from torch import nn
-
-from methods.mofo import MoFO, mofo_param_groups, topk_threshold
 
 
 class Net(nn.Module):
@@ -220,7 +219,7 @@ def test_lightning_fine_tune_stays_closer_to_the_start():
 
 def test_torch_count_path_selects_the_same_set(monkeypatch):
     """The GPU code path (torch compare-and-sum instead of NumPy), run on CPU."""
-    import methods.topk_threshold as search
+    import effitrain.methods.topk_threshold as search
 
     monkeypatch.setattr(search, "_NUMPY_ON_CPU", False)
     a = torch.randn(4, 70000, generator=torch.Generator().manual_seed(3)).abs()
@@ -234,7 +233,7 @@ def test_torch_count_path_selects_the_same_set(monkeypatch):
 def test_warm_search_takes_two_counts_and_zero_piles_stay_cheap(monkeypatch):
     """Speed is a property of the search path: a drifting row (Adam's m) costs two counts and one
     extraction once warm; a row with fewer non-zeros than k (embedding rows of unseen tokens) one count."""
-    import methods.topk_threshold as search
+    import effitrain.methods.topk_threshold as search
 
     calls = []
     count_ge = search._count_ge

@@ -9,9 +9,8 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from effitrain.methods.mofo import MoFO, mofo_param_groups
 from torch import nn
-
-from methods.mofo import MoFO, mofo_param_groups
 
 
 def make_model() -> nn.Module:

@@ -10,17 +10,16 @@ import pytest
 import timm
 import torch
 import yaml
-from peft import LoraConfig, PeftModel, get_peft_model
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from methods.moslora import (
+from effitrain.methods.moslora import (
     MoSLoraConfig,
     MoSLoraLinear,
     load_moslora,
     plain_lora_state_dict,
     save_as_plain_lora,
 )
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

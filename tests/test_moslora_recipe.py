@@ -9,16 +9,15 @@ import lightning as L
 import pytest
 import timm
 import torch
+from effitrain.datamodules.instructions import InstructionDataModule, arithmetic_records, format_prompt
+from effitrain.datamodules.tokenizer import train_bpe_tokenizer
+from effitrain.lightning_modules.adapter_lm import AdapterCausalLM
+from effitrain.lightning_modules.adapter_vit import AdapterImageClassifier
+from effitrain.methods.moslora import MoSLoraConfig, load_moslora
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import LoraConfig
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
-
-from datamodules.instructions import InstructionDataModule, arithmetic_records, format_prompt
-from datamodules.tokenizer import train_bpe_tokenizer
-from lightning_modules.adapter_lm import AdapterCausalLM
-from lightning_modules.adapter_vit import AdapterImageClassifier
-from methods.moslora import MoSLoraConfig, load_moslora
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=128)

@@ -2,10 +2,7 @@
 
 import pytest
 import torch
-from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from methods.quantization import (
+from effitrain.methods.quantization import (
     FakeQuantLinear,
     QuantLinear,
     fake_quantize,
@@ -16,6 +13,8 @@ from methods.quantization import (
     save_quantized,
     unpack_codes,
 )
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tests.conftest import REPO, run_cli
+from conftest import REPO, run_cli
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 
@@ -56,7 +55,7 @@ def test_misspelled_config_key(tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_checkpoints(tmp_path, tiny_lm_dir, small_corpus, monkeypatch):
-    from lightning_modules.causal_lm import CausalLM
+    from effitrain.lightning_modules.causal_lm import CausalLM
 
     original = CausalLM.training_step
 

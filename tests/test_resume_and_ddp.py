@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, run_cli
 from safetensors.torch import load_file
-
-from tests.conftest import REPO, run_cli
-from tests.test_reliability import tiny_fit_args
+from test_reliability import tiny_fit_args
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
@@ -28,7 +27,7 @@ def test_resume_mid_epoch_equals_uninterrupted_run(tmp_path, tiny_lm_dir, small_
                            "--checkpoint.every_n_train_steps=4", "--trainer.max_steps=8")
     run_cli([*common, "--trainer.default_root_dir=full", "--model.init_args.export_dir=full/model"], cwd=tmp_path)
 
-    from lightning_modules.causal_lm import CausalLM
+    from effitrain.lightning_modules.causal_lm import CausalLM
 
     original = CausalLM.training_step
 

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from lightning_modules.schedules import WarmupCosine, WarmupLinear
+from effitrain.lightning_modules.schedules import WarmupCosine, WarmupLinear
 
 
 @pytest.mark.parametrize("schedule, shape", [(WarmupCosine, lambda p: 0.5 * (1 + math.cos(math.pi * p))),

@@ -2,8 +2,12 @@
 
 import pytest
 import torch
-
-from models.selective_scan import _ChunkedScan, mamba_ssm_available, selective_scan, selective_scan_ref
+from effitrain.models.selective_scan import (
+    _ChunkedScan,
+    mamba_ssm_available,
+    selective_scan,
+    selective_scan_ref,
+)
 
 
 def make_inputs(batch, di, length, n, delta_scale=1.0, seed=0, dtype=torch.float32):

@@ -8,10 +8,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from methods.distillation import base_decayed_kd_loss, decayed_base, kd_loss
-from methods.sparsity import (
+from effitrain.methods.distillation import base_decayed_kd_loss, decayed_base, kd_loss
+from effitrain.methods.sparsity import (
     calibrated_accuracy,
     current_masks,
     evolutionary_search,
@@ -24,6 +22,7 @@ from methods.sparsity import (
     remove_sparsity,
     sparsify,
 )
+from torch import nn
 
 
 def tiny_resnet(seed: int = 0) -> nn.Module:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from effitrain.methods.incremental_tbptt import IncrementalTBPTT
+from effitrain.methods.reservoir import RecencyWindow, ReservoirSampler
+from effitrain.models.memory_lm import MemoryLM, encoder_attention_mask, encoder_positions, max_context_length
 from transformers import LlamaConfig, LlamaForCausalLM
-
-from methods.incremental_tbptt import IncrementalTBPTT
-from methods.reservoir import RecencyWindow, ReservoirSampler
-from models.memory_lm import MemoryLM, encoder_attention_mask, encoder_positions, max_context_length
 
 L, M = 16, 4  # segment length, memory tokens
 

@@ -7,12 +7,11 @@ import functools
 import lightning as L
 import pytest
 import torch
+from effitrain.datamodules.long_context import PasskeyDataModule
+from effitrain.lightning_modules.uio_lm import UIOLM
+from effitrain.methods.incremental_tbptt import IncrementalTBPTT
+from effitrain.methods.reservoir import RecencyWindow
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-
-from datamodules.long_context import PasskeyDataModule
-from lightning_modules.uio_lm import UIOLM
-from methods.incremental_tbptt import IncrementalTBPTT
-from methods.reservoir import RecencyWindow
 
 SEG = 16
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

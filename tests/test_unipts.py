@@ -8,13 +8,12 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from effitrain.callbacks.dynamic_sparsity import DynamicSparsity
+from effitrain.callbacks.sparsity_search import SparsitySearch
+from effitrain.methods.distillation import base_decayed_kd_loss
+from effitrain.methods.sparsity import current_masks, layer_sparsities
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from callbacks.dynamic_sparsity import DynamicSparsity
-from callbacks.sparsity_search import SparsitySearch
-from methods.distillation import base_decayed_kd_loss
-from methods.sparsity import current_masks, layer_sparsities
 
 
 class TinyNet(nn.Module):
@@ -143,7 +142,7 @@ def test_two_process_ddp_ranks_hold_identical_masks(tmp_path):
 
 
 def test_distillation_recipe_keeps_the_teacher_out_of_optimizer_and_checkpoint():
-    from lightning_modules.sparse_distill import SparseDistillClassifier
+    from effitrain.lightning_modules.sparse_distill import SparseDistillClassifier
 
     with pytest.warns(UserWarning, match="teacher"):
         module = SparseDistillClassifier(model_name="test_resnet", num_classes=4)

@@ -1,0 +1,1 @@
+"""The packaged recipes and trainer defaults (YAML), found by name: ``effitrain fit --config quickstart``."""
