@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) train.py fit --config configs/quickstart.yaml
+	$(PY) train.py fit --config configs/pretrain/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""Train, validate, test or predict with any recipe: ``python train.py fit --config configs/quickstart.yaml``."""
+"""Train, validate, test or predict with any recipe: ``python train.py fit --config configs/pretrain/quickstart.yaml``."""
 
 from effitrain.lightning_modules.cli import main
 

@@ -5,7 +5,7 @@ RTN's gap recovered, and the size on disk against FP16.
         --runs w2g64=artifacts/efficientqat_w2g64_block_ap,artifacts/efficientqat_w2g64 ...
 
 Each ``--runs`` item is ``w<N>g<G>=<Block-AP folder>,<E2E-QP folder>`` (either may be missing). The data is
-the testbed's validation split (``AlgorithmicDataModule`` with the settings of configs/efficientqat_testbed.yaml).
+the testbed's validation split (``AlgorithmicDataModule`` with the settings of configs/pretrain/efficientqat_testbed.yaml).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def file_size(folder: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fp", default="artifacts/efficientqat_testbed")
-    parser.add_argument("--data_config", default="configs/efficientqat_testbed.yaml")
+    parser.add_argument("--data_config", default="configs/pretrain/efficientqat_testbed.yaml")
     parser.add_argument("--runs", nargs="*", default=[])
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()

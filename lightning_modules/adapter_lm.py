@@ -1,7 +1,7 @@
 """Adapter fine-tuning of a causal LM (LoRA, MoSLoRA, DoRA, ... from a peft config in YAML).
 
-    python train.py fit --config configs/moslora.yaml     # MoSLoRA on the quickstart tiny LLaMA
-    python train.py fit --config configs/lora.yaml        # the same with plain LoRA
+    python train.py fit --config configs/moslora/moslora.yaml     # MoSLoRA on the quickstart tiny LLaMA
+    python train.py fit --config configs/moslora/lora.yaml        # the same with plain LoRA
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Adapter fine-tuning of a timm image classifier (LoRA, MoSLoRA, DoRA, ... from a peft config in YAML).
 
-    python train.py fit --config configs/moslora_vit.yaml   # MoSLoRA on the digits ViT
+    python train.py fit --config configs/moslora/moslora_vit.yaml   # MoSLoRA on the digits ViT
 """
 
 from __future__ import annotations

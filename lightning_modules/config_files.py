@@ -1,7 +1,7 @@
 """The packaged configs: the recipes and the trainer defaults ship inside the package as ``effitrain.configs``.
 
 In a checkout they are the repository's ``configs/`` folder; in a wheel, ``site-packages/effitrain/configs``.
-A recipe can be named by path (``configs/quickstart.yaml``) or by name (``quickstart``, ``full/mofo_...``).
+A recipe can be named by path (``configs/pretrain/quickstart.yaml``) or by name (``quickstart``, ``full/mofo_...``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ DEFAULT_TRAINER_CONFIG = CONFIG_ROOT / "trainer" / "default.yaml"
 def resolve_config(name: str) -> str:
     """A ``--config`` value as a file path: an existing path as given, else the packaged config of that name.
 
-    ``quickstart``, ``quickstart.yaml`` and ``configs/quickstart.yaml`` (run outside a checkout) all name
+    ``quickstart``, ``quickstart.yaml`` and ``configs/pretrain/quickstart.yaml`` (run outside a checkout) all name
     the packaged ``quickstart.yaml``. Anything else is returned unchanged, for the parser to report.
     """
     if Path(name).expanduser().exists() or name.lstrip().startswith(("{", "[")):  # a file, or inline YAML

@@ -1,7 +1,7 @@
 """EfficientQAT phase 1, Block-AP (Chen et al., arXiv 2407.11062, Sec. 3.2): block-wise training of all
 parameters of each decoder block, then packing to low-bit ``QuantLinear`` layers.
 
-    python train.py fit --config configs/efficientqat_block_ap.yaml      # then configs/efficientqat_e2e_qp.yaml
+    python train.py fit --config configs/efficientqat/efficientqat_block_ap.yaml      # then configs/efficientqat/efficientqat_e2e_qp.yaml
 
 How the Lightning loop maps onto the method:
 

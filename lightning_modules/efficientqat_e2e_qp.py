@@ -1,7 +1,7 @@
 """EfficientQAT phase 2, E2E-QP (Chen et al., arXiv 2407.11062, Sec. 3.3): end-to-end training of the
 quantization step sizes of a packed model on the causal-LM loss.
 
-    python train.py fit --config configs/efficientqat_e2e_qp.yaml    # starts from the Block-AP folder
+    python train.py fit --config configs/efficientqat/efficientqat_e2e_qp.yaml    # starts from the Block-AP folder
 
 The integer codes (``qweight``) and zero points (``qzeros``) stay frozen int32 buffers; embeddings, norms and
 the LM head are frozen; only every ``QuantLinear.scales`` trains, upcast to fp32 (the gradient through the

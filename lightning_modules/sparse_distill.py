@@ -8,8 +8,8 @@ base-decayed objective (``effitrain.methods.distillation``, Sec. 3.1); labels ar
 
 Run::
 
-    python train.py fit --config configs/image_quickstart_resnet.yaml   # the dense model (artifacts/)
-    python train.py fit --config configs/unipts.yaml                    # search + distillation at 90%
+    python train.py fit --config configs/pretrain/image_quickstart_resnet.yaml   # the dense model (artifacts/)
+    python train.py fit --config configs/unipts/unipts.yaml                    # search + distillation at 90%
 """
 
 from __future__ import annotations

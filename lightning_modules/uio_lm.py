@@ -11,8 +11,8 @@ Manual optimisation, one optimiser step per batch of sequences:
 No backward ever triggers a DDP gradient sync (``require_backward_grad_sync`` stays off), so ranks whose
 sequences have different numbers of segments make the same single collective per step and cannot hang.
 
-Run: ``python train.py fit --config configs/uio_passkey.yaml`` (the tiny quickstart LM, minutes on CPU);
-``configs/full/uio_llama2_7b_32x.yaml`` has the paper's settings.
+Run: ``python train.py fit --config configs/uio/uio_passkey.yaml`` (the tiny quickstart LM, minutes on CPU);
+``configs/uio/full/uio_llama2_7b_32x.yaml`` has the paper's settings.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 
 CONFIGS = REPO / "configs"
 FRAGMENTS = sorted(p for d in ("trainer", "data", "callbacks") for p in (CONFIGS / d).glob("*.yaml"))
-RECIPES = sorted(CONFIGS.glob("*.yaml"))
-FULL = sorted((CONFIGS / "full").glob("*.yaml"))
+RECIPES = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name not in ("trainer", "data", "callbacks"))
+FULL = sorted(CONFIGS.glob("*/full/*.yaml"))
 ARTIFACT = re.compile(r"['\"]?(artifacts/[\w./-]+)")
 
 
@@ -49,7 +49,7 @@ def test_config_parses(config: Path, capsys):
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=rel)
 def test_fragment_composes_with_a_recipe(fragment: Path, capsys):
-    base = CONFIGS / ("image_quickstart.yaml" if "image" in fragment.name else "quickstart.yaml")
+    base = CONFIGS / "pretrain" / ("image_quickstart.yaml" if "image" in fragment.name else "quickstart.yaml")
     print_config(base, fragment)
     out = capsys.readouterr().out
     assert "checkpoint:" in out and "lr_monitor:" in out

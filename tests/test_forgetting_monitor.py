@@ -164,7 +164,7 @@ def test_bad_arguments_fail_early():
 
 
 def test_fragment_composes_with_the_lora_recipe(capsys):
-    args = ["fit", "--config", str(REPO / "configs/lora.yaml"),
+    args = ["fit", "--config", str(REPO / "configs/moslora/lora.yaml"),
             "--config", str(REPO / "configs/callbacks/forgetting_monitor.yaml"), "--print_config"]
     with pytest.raises(SystemExit):
         run_cli(args)

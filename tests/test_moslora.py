@@ -221,7 +221,7 @@ LLAMA3_8B = dict(  # meta-llama/Meta-Llama-3-8B config.json
 
 
 def _full_config_adapter(kind: str) -> MoSLoraConfig | LoraConfig:
-    cfg = yaml.safe_load((ROOT / "configs/full/moslora_llama3_8b_commonsense.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "configs/moslora/full/moslora_llama3_8b_commonsense.yaml").read_text())
     adapter = dict(cfg["model"]["init_args"]["adapter"]["init_args"])
     assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (16, 32, 0.05)
     if kind == "lora":

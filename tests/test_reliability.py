@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+QUICKSTART = str(REPO / "configs" / "pretrain" / "quickstart.yaml")
 
 
 def tiny_fit_args(tiny_lm_dir, corpus, *extra: str) -> list[str]:
@@ -42,7 +42,7 @@ def test_unknown_model_name_offline(tmp_path):
 
 
 def test_missing_artifact_names_the_command(tmp_path):
-    with pytest.raises((FileNotFoundError, ValueError), match="python train.py fit --config configs/quickstart.yaml"):
+    with pytest.raises((FileNotFoundError, ValueError), match="python train.py fit --config configs/pretrain/quickstart.yaml"):
         run_cli(["fit", "--config", QUICKSTART, "--model.init_args.pretrained=artifacts/tiny_llama"], cwd=tmp_path)
 
 
