@@ -40,14 +40,9 @@ from effitrain.methods.block_ap import (
     trainable_groups,
     wrap_block,
 )
-from effitrain.methods.quantization import (
-    SUPPORTED_BITS,
-    decoder_blocks,
-    named_linears,
-    quantize_block_rtn,
-    resolve_group_size,
-    save_quantized,
-)
+from effitrain.methods.gptq_format import save_quantized
+from effitrain.methods.quant_surgery import decoder_blocks, named_linears, quantize_block_rtn
+from effitrain.methods.quantization import SUPPORTED_BITS, resolve_group_size
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -82,7 +77,7 @@ class EfficientQATBlockAP(TrainModule):
             raise ValueError(f"bits={bits} is not supported: use one of {SUPPORTED_BITS}.")
         if epochs_per_block < 1:
             raise ValueError(f"epochs_per_block must be >= 1 (got {epochs_per_block}); for round-to-nearest use "
-                             "effitrain.methods.quantization.quantize_model_rtn.")
+                             "effitrain.methods.quant_surgery.quantize_model_rtn.")
         if min_lr_factor < 1:
             raise ValueError(f"min_lr_factor must be >= 1, got {min_lr_factor}.")
         self.save_hyperparameters(ignore=["optimizer"])

@@ -18,7 +18,8 @@ import torch
 from effitrain.lightning_modules.artifacts import require_local_model
 from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.causal_lm import CausalLM
-from effitrain.methods.quantization import QuantLinear, load_quantized, save_quantized
+from effitrain.methods.gptq_format import load_quantized, save_quantized
+from effitrain.methods.quantization import QuantLinear
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
@@ -32,7 +33,7 @@ class EfficientQATE2EQP(CausalLM):
     """E2E-QP: train only the step sizes of a packed low-bit causal LM.
 
     Args:
-        pretrained: a folder written by the Block-AP recipe (or ``effitrain.methods.quantization.save_quantized``).
+        pretrained: a folder written by the Block-AP recipe (or ``effitrain.methods.gptq_format.save_quantized``).
         gradient_checkpointing: recompute activations in the backward pass (large models).
         optimizer, lr_scheduler: as for every recipe; the parameters are the scales only.
         export_dir: where the packed model with the trained scales is written.
