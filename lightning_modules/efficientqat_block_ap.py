@@ -22,13 +22,13 @@ and ``block_ap_stats.json`` (per block: MSE at min/max init, i.e. round-to-neare
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.causal_lm import load_causal_lm
+from effitrain.lightning_modules.schedules import WarmupCosine
 from effitrain.methods.block_ap import (
     ActivationCache,
     block_mse,
@@ -177,12 +177,8 @@ class EfficientQATBlockAP(TrainModule):
             {"params": weights, "lr": self.weight_lr},
         ])
         total = max(1, self.epochs_per_block * self.trainer.num_training_batches)
-        floor = 1.0 / self.min_lr_factor
-
-        def cosine(step: int) -> float:
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-        self.block_scheduler = torch.optim.lr_scheduler.LambdaLR(self.block_optimizer, cosine)
+        self.block_scheduler = WarmupCosine(self.block_optimizer, total_steps=total,
+                                            min_lr_ratio=1.0 / self.min_lr_factor)
         self.trainer.strategy.optimizers = [self.block_optimizer]
         self.block_stats.append({"block": index, "rtn_mse": rtn, "train_steps": 0})
 

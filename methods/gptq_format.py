@@ -14,13 +14,25 @@ from effitrain.methods.quant_surgery import decoder_blocks, named_linears, repla
 from effitrain.methods.quantization import QuantLinear
 from torch import nn
 
+#: The weights file of a 3-bit folder. Its layout (10 codes per int32 word) is EfficientQAT's own, which GPTQ
+#: loaders would misread; under this name they find no weights and stop with an error instead of loading a
+#: model with random block weights.
+EFFICIENTQAT_WEIGHTS = "efficientqat_model.safetensors"
+GPTQ_WEIGHTS = "model.safetensors"
 
-def quantization_config(bits: int, group_size: int) -> dict:
+
+def weights_name(bits: int) -> str:
+    return EFFICIENTQAT_WEIGHTS if bits == 3 else GPTQ_WEIGHTS
+
+
+def quantization_config(bits: int, group_size: int, modules_in_block: list[str]) -> dict:
     """The ``quantization_config`` written to config.json.
 
-    2/4/8-bit tensors have the GPTQ layout in its v2 form (zero points without the v1 ``-1`` offset); loaders
-    that read ``checkpoint_format: gptq_v2`` (GPTQModel, vLLM) can use them. 3-bit uses EfficientQAT's own
-    10-codes-per-word layout, so it is marked ``quant_method: efficientqat`` rather than ``gptq``.
+    2/4/8-bit tensors have the GPTQ layout in its v2 form (zero points without the v1 ``-1`` offset), read by
+    transformers' GPTQ integration (optimum + GPTQModel) and by GPTQModel: ``quant_method: gptq``,
+    ``checkpoint_format: gptq_v2`` and ``modules_in_block_to_quantize`` as transformers/optimum expect it, a
+    list of lists of Linear names inside one decoder block. 3-bit uses EfficientQAT's own 10-codes-per-word
+    layout, marked ``quant_method: efficientqat`` and stored under ``EFFICIENTQAT_WEIGHTS``.
     """
     return {
         "quant_method": "efficientqat" if bits == 3 else "gptq",
@@ -29,14 +41,15 @@ def quantization_config(bits: int, group_size: int) -> dict:
         "sym": False,
         "desc_act": False,
         "checkpoint_format": "gptq_v2",
+        "modules_in_block_to_quantize": [list(modules_in_block)],
         "codes_per_int32": codes_per_word(bits),
-        "packing": "along input dim, least significant bits first; qzeros along output dim",
-        "modules_in_block_to_quantize": "every nn.Linear inside the decoder blocks",
     }
 
 
 def save_quantized(model: nn.Module, folder: str | Path, bits: int, group_size: int) -> Path:
-    """Write ``config.json`` (with ``quantization_config``) and ``model.safetensors`` (packed block Linears).
+    """Write ``config.json`` (with ``quantization_config``) and the packed weights: ``model.safetensors`` at
+    2/4/8 bits (GPTQ v2, loadable by transformers and GPTQModel), ``EFFICIENTQAT_WEIGHTS`` at 3 bits (which only
+    :func:`load_quantized` reads).
 
     Scales are stored in fp16, codes as int32, the full-precision rest (embeddings, norms, head) in fp16.
     Tied tensors (e.g. a tied LM head) are stored once.
@@ -53,9 +66,12 @@ def save_quantized(model: nn.Module, folder: str | Path, bits: int, group_size: 
         seen.add(ptr)
         tensor = tensor.detach().cpu()
         state[key] = (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for stale in (GPTQ_WEIGHTS, EFFICIENTQAT_WEIGHTS):  # a folder holds one format
+        (folder / stale).unlink(missing_ok=True)
+    save_file(state, str(folder / weights_name(bits)), metadata={"format": "pt"})
     config = model.config
-    config.quantization_config = quantization_config(bits, group_size)
+    names = [name for name, module in decoder_blocks(model)[0].named_modules() if isinstance(module, QuantLinear)]
+    config.quantization_config = quantization_config(bits, group_size, names)
     try:
         config.save_pretrained(folder)
     finally:
@@ -85,18 +101,19 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn
             layer = QuantLinear(linear.in_features, linear.out_features, qcfg["bits"], qcfg["group_size"],
                                 bias=linear.bias is not None)
             replace_module(block, name, layer)
-    state = load_file(str(folder / "model.safetensors"))
+    weights = folder / weights_name(qcfg["bits"])
+    state = load_file(str(weights))
     own = model.state_dict()
     for key, tensor in state.items():
         if key not in own:
-            raise ValueError(f"Unexpected tensor {key!r} in {folder}/model.safetensors.")
+            raise ValueError(f"Unexpected tensor {key!r} in {weights}.")
         if tensor.is_floating_point() and not key.endswith(".scales"):
             state[key] = tensor.to(dtype)
     missing, _ = model.load_state_dict(state, strict=False)
     model.tie_weights()
     untied = [k for k in missing if k not in state and not _is_tied(model, k)]
     if untied:
-        raise ValueError(f"{folder}/model.safetensors lacks {untied[:5]}.")
+        raise ValueError(f"{weights} lacks {untied[:5]}.")
     return model
 
 
