@@ -54,6 +54,7 @@ def run_fresh(code: str, *args: str, timeout: int = 420) -> dict:
                           text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    print(line)  # the measured values, shown with `pytest -s`
     return json.loads(line.removeprefix("RESULT "))
 
 
@@ -225,7 +226,8 @@ def test_memory_lm_saves_and_loads_with_transformers_auto_classes(tmp_path: Path
 # ---------------------------------------------------------------------------------------------------------------
 # EfficientQAT exports in GPTQ v2 format: transformers' GPTQ integration (optimum + GPTQModel) and GPTQModel.
 # Both are asked for GPTQModel's pure-PyTorch kernel (`gptq_torch`): the automatic choice on CPU compiles a C++
-# extension first (minutes). GPTQModel's torch kernel runs in fp16/bf16 only.
+# extension first (minutes). That kernel dequantizes in fp16, so the dequantized weights are compared bit for
+# bit and the logits within fp16 rounding.
 # ---------------------------------------------------------------------------------------------------------------
 GPTQ_MISSING = [name for name in ("gptqmodel", "optimum") if find_spec(name) is None]
 needs_gptq = pytest.mark.skipif(bool(GPTQ_MISSING), reason=f"{GPTQ_MISSING} not installed: run `make test-extras`")
@@ -270,9 +272,13 @@ def test_gptq_exports_load_in_transformers_gptq_integration(gptq_exports: Path) 
     for bits in (2, 4, 8):
         model = AutoModelForCausalLM.from_pretrained(f"{root}/w{bits}", device_map="cpu", dtype=torch.float32,
                                                      quantization_config=GPTQConfig(bits=bits, backend="gptq_torch"))
+        layer = model.model.layers[0].mlp.down_proj
+        weight = layer.dequantize_weight().to(torch.float16)
+        weight = weight if weight.shape == ref[f"weight{bits}"].shape else weight.t()
         with torch.no_grad():
-            out[bits] = {"layer": type(model.model.layers[0].mlp.down_proj).__module__,
-                         "delta": max_delta(model.eval()(ref["x"]).logits, ref[f"logits{bits}"])}
+            out[bits] = {"layer": type(layer).__module__, "weight": max_delta(weight, ref[f"weight{bits}"]),
+                         "logits": max_delta(model.eval()(ref["x"]).logits, ref[f"logits{bits}"]),
+                         "scale": ref[f"logits{bits}"].abs().max().item()}
     refused = refusal(lambda: AutoModelForCausalLM.from_pretrained(f"{root}/w3", device_map="cpu"))
     report(out=out, refused=refused)
     """
@@ -280,7 +286,9 @@ def test_gptq_exports_load_in_transformers_gptq_integration(gptq_exports: Path) 
     assert not got["effitrain_imported"]
     for bits, result in got["out"].items():
         assert result["layer"].startswith("gptqmodel."), (bits, result)  # packed kernels, not dense Linears
-        assert result["delta"] <= 1e-5, (bits, result)
+        assert result["weight"] == 0.0, (bits, result)  # the same dequantized weights, bit for bit
+        # the kernel's fp16 dequantization vs our fp32 one: measured 0 (2-bit) and 2.7e-4 (4-bit) on logits ~4
+        assert result["logits"] <= 1e-3 * max(1.0, result["scale"]), (bits, result)
     assert got["refused"] and "OSError" in got["refused"]
 
 
