@@ -1,6 +1,6 @@
 """Weight-only uniform asymmetric group quantization with learnable step sizes and zero points, and the
-packed low-bit storage of EfficientQAT (Chen et al., "EfficientQAT: Efficient Quantization-Aware Training
-for Large Language Models", arXiv 2407.11062; official code OpenGVLab/EfficientQAT).
+fake-quantized and packed Linear layers of EfficientQAT (Chen et al., "EfficientQAT: Efficient
+Quantization-Aware Training for Large Language Models", arXiv 2407.11062; official code OpenGVLab/EfficientQAT).
 
 Quantizer (Sec. 3.2, Eq. 1-2; App. B), per group of ``g`` input channels of a Linear weight ``w``:
 
@@ -9,15 +9,11 @@ Quantizer (Sec. 3.2, Eq. 1-2; App. B), per group of ``g`` input channels of a Li
             q  = clamp(round_ste(w / s') + z', 0, 2^N - 1)          (a hard clamp: no gradient when clipped)
             w^ = (q - z') * s'
 
-Storage (per Linear, GPTQ "v2" tensor names and layout; zero points without GPTQ v1's ``z - 1`` offset):
-
-    qweight int32 [ceil(in / (32 // N)), out]   codes packed along the input dim, least significant bits first
-    qzeros  int32 [in / g, ceil(out / (32 // N))]  zero points packed along the output dim
-    scales  fp16  [in / g, out];  g_idx int32 [in] = i // g;  bias (optional)
-
-Each int32 word holds ``32 // N`` codes: 16 at 2-bit, 8 at 4-bit, 4 at 8-bit, and **10 at 3-bit** (2 bits
-unused). The 3-bit layout is EfficientQAT's own and is *not* GPTQ's 3-bit layout (which spreads codes over
-word boundaries), so 3-bit checkpoints load only through ``effitrain.methods.gptq_format``. Average bits per weight: N + (N+16)/g.
+Storage of ``QuantLinear`` (per Linear, GPTQ "v2" tensor names; zero points without GPTQ v1's ``z - 1``
+offset): ``qweight`` int32 [ceil(in / (32 // N)), out] and ``qzeros`` int32 [in / g, ceil(out / (32 // N))]
+packed as in ``effitrain.methods.packing``, ``scales`` fp16 [in / g, out], ``g_idx`` int32 [in] = i // g, an
+optional ``bias``. Average bits per weight: N + (N+16)/g. Model surgery (which Linears, RTN) is in
+``effitrain.methods.quant_surgery``; Hugging Face save/load in ``effitrain.methods.gptq_format``.
 
 Dequantization (what ``QuantLinear`` runs on any device): ``W[in, out] = (q - z[g_idx]) * s[g_idx]``.
 """
