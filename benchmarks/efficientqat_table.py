@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 from effitrain.datamodules.algorithmic import AlgorithmicDataModule
-from effitrain.methods.quantization import load_quantized, quantize_model_rtn, save_quantized
+from effitrain.methods.gptq_format import load_quantized, save_quantized
+from effitrain.methods.quant_surgery import quantize_model_rtn
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
 

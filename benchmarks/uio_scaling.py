@@ -36,7 +36,7 @@ def worker(args) -> None:
                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                          max_position_embeddings=max(args.length, 4096))
     base = LlamaForCausalLM(config).to(args.device).eval()
-    model = MemoryLM(base, args.segment_length, args.memory_tokens, encoder_rank=16, transfer_rank=16).to(args.device)
+    model = MemoryLM.from_base(base, args.segment_length, args.memory_tokens, encoder_rank=16, transfer_rank=16).to(args.device)
     ids = torch.randint(0, 4096, (1, args.length), device=args.device)
     run = (lambda: model.generate(ids, 1)) if args.model == "memory" else (lambda: base(ids, use_cache=True))
     before = peak_rss_mib()

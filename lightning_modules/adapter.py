@@ -6,17 +6,27 @@ reach the optimizer (`TrainModule.param_groups`). Lightning checkpoints keep onl
 (the frozen base is rebuilt from `pretrained` at resume, hence `strict_loading = False`). At the end of
 `fit` the recipe writes a peft adapter folder to `export_dir` and, with `merged_dir`, a plain model folder
 with every adapter merged (W0 + ΔW) that transformers / timm load without peft.
+
+A MoSLoRA adapter is exported as its exact plain-LoRA fold (A' = M·A, B·M·A = B·A'), which every LoRA loader
+reads (`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM`, transformers' `from_pretrained`), and, to train
+on, in its native form under `<export_dir>/moslora`, marked so that those loaders refuse it
+(`effitrain.methods.moslora.load_moslora` reads it).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from effitrain.methods.moslora import is_moslora_model, save_as_plain_lora
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+#: Sub-folder of `export_dir` with the native MoSLoRA adapter (mixers kept, for further training)
+NATIVE_MOSLORA_DIR = "moslora"
 
 
 def attach_adapter(model: nn.Module, adapter: PeftConfig) -> PeftModel:
@@ -114,8 +124,13 @@ class AdapterMixin:
                 self.export_merged(self.merged_dir)
 
     def export(self, directory: str) -> None:
-        """A peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
-        self.model.save_pretrained(directory)
+        """A peft adapter folder (adapter_config.json + adapter_model.safetensors) that plain LoRA loaders read;
+        for MoSLoRA the exact fold, plus the native form in `<directory>/moslora`."""
+        if is_moslora_model(self.model):
+            save_as_plain_lora(self.model, directory)
+            self.model.save_pretrained(str(Path(directory) / NATIVE_MOSLORA_DIR))
+        else:
+            self.model.save_pretrained(directory)
 
     def export_merged(self, directory: str) -> None:
         """A folder of the merged model that its library loads without peft (recipe-specific)."""

@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from effitrain.lightning_modules.adapter import AdapterMixin, merged_state_dict
-from effitrain.lightning_modules.causal_lm import CausalLM
+from effitrain.lightning_modules.causal_lm import CausalLM, align_with_tokenizer
 from peft import PeftConfig
 
 
@@ -25,13 +26,22 @@ class AdapterCausalLM(AdapterMixin, CausalLM):
 
     def __init__(self, adapter: PeftConfig, merged_dir: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        if isinstance(adapter, PeftConfig) and adapter.task_type is None:
+            # saved in adapter_config.json: AutoPeftModelForCausalLM needs it to pick the model class
+            adapter = copy.copy(adapter)
+            adapter.task_type = "CAUSAL_LM"
         self._init_adapter(adapter, merged_dir)
 
     def export(self, directory: str) -> None:
-        CausalLM.export(self, directory)  # PeftModel.save_pretrained writes the adapter; plus the tokenizer
+        AdapterMixin.export(self, directory)  # the adapter (for MoSLoRA: the plain-LoRA fold and the native form)
+        tokenizer = self.data_tokenizer()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
 
     def export_merged(self, directory: str) -> None:
+        tokenizer = self.data_tokenizer()
+        if tokenizer is not None:
+            align_with_tokenizer(self.model.get_base_model(), tokenizer)
         self.model.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(self.model))
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)

@@ -1,7 +1,9 @@
 """Causal language modelling with any transformers ``AutoModelForCausalLM``: pretraining or full fine-tuning.
 
 The quickstart pretrains a tiny LLaMA on the built-in corpus and writes it with ``save_pretrained`` so that
-method recipes can start from it (``pretrained: artifacts/tiny_llama``).
+method recipes can start from it (``pretrained: artifacts/tiny_llama``). The written ``config.json`` and
+``generation_config.json`` name the tokenizer's BOS/EOS/pad ids and the tokenizer's ``model_max_length`` is the
+model's context, so that ``generate()`` and ``pipeline("text-generation")`` stop at the tokenizer's EOS.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from effitrain.lightning_modules.base import TrainModule, adamw
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 #: The quickstart's tiny LLaMA (5.5M parameters): widths are multiples of 128 so that group-wise
 #: quantization with g = 64 or 128 divides every Linear.
@@ -43,6 +51,21 @@ def load_causal_lm(pretrained: str | None, config: dict | None = None, trust_rem
                          f"be fetched from the hub (no network, or no such model). ({err})") from None
 
 
+def align_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the model's config and generation config name the tokenizer's BOS/EOS/pad ids (a fresh
+    ``LlamaConfig`` says bos=1, eos=2, which are other tokens of a tokenizer trained here), and set the
+    tokenizer's ``model_max_length`` to the model's context (``max_position_embeddings``)."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            for key, value in ids.items():
+                setattr(config, key, value)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        tokenizer.model_max_length = context
+
+
 class CausalLM(TrainModule):
     """Train a causal LM on batches of ``input_ids``/``labels`` (-100 = ignored).
 
@@ -60,12 +83,17 @@ class CausalLM(TrainModule):
                  export_dir: str | None = None):
         super().__init__(optimizer, lr_scheduler, export_dir)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model = load_causal_lm(pretrained, config, trust_remote_code, dtype).train()  # from_pretrained gives eval()
+        self.model = self.load_model(pretrained, config, trust_remote_code, dtype).train()  # from_pretrained gives eval()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.val_ppl = Perplexity(ignore_index=-100)
         self.val_loss = MeanMetric()
         self._batch_start = None
+
+    def load_model(self, pretrained: str | None, config: dict[str, Any] | None, trust_remote_code: bool,
+                   dtype: str | None) -> PreTrainedModel:
+        """The model to train; a subclass that reads another format overrides this."""
+        return load_causal_lm(pretrained, config, trust_remote_code, dtype)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -79,6 +107,8 @@ class CausalLM(TrainModule):
         if tokenizer is not None and len(tokenizer) > vocab:
             raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}: "
                              "use the model's own tokenizer, or a matching `vocab_size`.")
+        if tokenizer is not None:
+            align_with_tokenizer(self.model, tokenizer)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -117,7 +147,14 @@ class CausalLM(TrainModule):
 
     def export(self, directory: str) -> None:
         """Write the model (safetensors) and the data's tokenizer as a folder ``from_pretrained`` loads."""
+        tokenizer = self.data_tokenizer()
+        if tokenizer is not None:
+            align_with_tokenizer(self.model, tokenizer)
         self.model.save_pretrained(directory, safe_serialization=True)
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
+
+    def data_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The data's tokenizer, if the recipe runs under a trainer with a datamodule that has one."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        return getattr(datamodule, "tokenizer", None)

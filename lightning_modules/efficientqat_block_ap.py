@@ -22,13 +22,13 @@ and ``block_ap_stats.json`` (per block: MSE at min/max init, i.e. round-to-neare
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.causal_lm import load_causal_lm
+from effitrain.lightning_modules.schedules import WarmupCosine
 from effitrain.methods.block_ap import (
     ActivationCache,
     block_mse,
@@ -40,14 +40,9 @@ from effitrain.methods.block_ap import (
     trainable_groups,
     wrap_block,
 )
-from effitrain.methods.quantization import (
-    SUPPORTED_BITS,
-    decoder_blocks,
-    named_linears,
-    quantize_block_rtn,
-    resolve_group_size,
-    save_quantized,
-)
+from effitrain.methods.gptq_format import save_quantized
+from effitrain.methods.quant_surgery import decoder_blocks, named_linears, quantize_block_rtn
+from effitrain.methods.quantization import SUPPORTED_BITS, resolve_group_size
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -82,7 +77,7 @@ class EfficientQATBlockAP(TrainModule):
             raise ValueError(f"bits={bits} is not supported: use one of {SUPPORTED_BITS}.")
         if epochs_per_block < 1:
             raise ValueError(f"epochs_per_block must be >= 1 (got {epochs_per_block}); for round-to-nearest use "
-                             "effitrain.methods.quantization.quantize_model_rtn.")
+                             "effitrain.methods.quant_surgery.quantize_model_rtn.")
         if min_lr_factor < 1:
             raise ValueError(f"min_lr_factor must be >= 1, got {min_lr_factor}.")
         self.save_hyperparameters(ignore=["optimizer"])
@@ -182,12 +177,8 @@ class EfficientQATBlockAP(TrainModule):
             {"params": weights, "lr": self.weight_lr},
         ])
         total = max(1, self.epochs_per_block * self.trainer.num_training_batches)
-        floor = 1.0 / self.min_lr_factor
-
-        def cosine(step: int) -> float:
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-        self.block_scheduler = torch.optim.lr_scheduler.LambdaLR(self.block_optimizer, cosine)
+        self.block_scheduler = WarmupCosine(self.block_optimizer, total_steps=total,
+                                            min_lr_ratio=1.0 / self.min_lr_factor)
         self.trainer.strategy.optimizers = [self.block_optimizer]
         self.block_stats.append({"block": index, "rtn_mse": rtn, "train_steps": 0})
 

@@ -16,12 +16,10 @@ from typing import Any
 
 import torch
 from effitrain.lightning_modules.artifacts import require_local_model
-from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.causal_lm import CausalLM
-from effitrain.methods.quantization import QuantLinear, load_quantized, save_quantized
+from effitrain.methods.gptq_format import load_quantized, save_quantized
+from effitrain.methods.quantization import QuantLinear
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 
 def adamw_e2e(params) -> torch.optim.Optimizer:
@@ -32,7 +30,7 @@ class EfficientQATE2EQP(CausalLM):
     """E2E-QP: train only the step sizes of a packed low-bit causal LM.
 
     Args:
-        pretrained: a folder written by the Block-AP recipe (or ``effitrain.methods.quantization.save_quantized``).
+        pretrained: a folder written by the Block-AP recipe (or ``effitrain.methods.gptq_format.save_quantized``).
         gradient_checkpointing: recompute activations in the backward pass (large models).
         optimizer, lr_scheduler: as for every recipe; the parameters are the scales only.
         export_dir: where the packed model with the trained scales is written.
@@ -41,10 +39,9 @@ class EfficientQATE2EQP(CausalLM):
     def __init__(self, pretrained: str, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw_e2e, lr_scheduler: LRSchedulerCallable | None = None,
                  export_dir: str | None = None):
-        TrainModule.__init__(self, optimizer, lr_scheduler, export_dir)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         require_local_model(pretrained, "packed Block-AP model")
-        self.model = load_quantized(pretrained)
+        super().__init__(pretrained=pretrained, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
+                         lr_scheduler=lr_scheduler, export_dir=export_dir)
         self.model.requires_grad_(False)
         self.quant_layers = [m for m in self.model.modules() if isinstance(m, QuantLinear)]
         if not self.quant_layers:
@@ -53,11 +50,11 @@ class EfficientQATE2EQP(CausalLM):
             layer.scales.data = layer.scales.data.float()
             layer.scales.requires_grad_(True)
         self.bits, self.group_size = self.quant_layers[0].bits, self.quant_layers[0].group_size
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        self.val_ppl = Perplexity(ignore_index=-100)
-        self.val_loss = MeanMetric()
-        self._batch_start = None
+
+    def load_model(self, pretrained: str, config: dict[str, Any] | None, trust_remote_code: bool,
+                   dtype: str | None) -> torch.nn.Module:
+        """The packed model with ``QuantLinear`` blocks (``load_quantized``), not transformers' loader."""
+        return load_quantized(pretrained)
 
     def param_groups(self) -> list[torch.nn.Parameter]:
         return [layer.scales for layer in self.quant_layers]
@@ -70,6 +67,6 @@ class EfficientQATE2EQP(CausalLM):
     def export(self, directory: str) -> None:
         """The packed model with fp16 scales (``save_quantized``) and the data's tokenizer."""
         save_quantized(self.model, directory, self.bits, self.group_size)
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
+        tokenizer = self.data_tokenizer()
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)

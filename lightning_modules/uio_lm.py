@@ -17,9 +17,7 @@ Run: ``python train.py fit --config configs/uio/uio_passkey.yaml`` (the tiny qui
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -29,7 +27,6 @@ from effitrain.methods.incremental_tbptt import IncrementalTBPTT
 from effitrain.methods.reservoir import RecencyWindow, ReservoirSampler
 from effitrain.models.memory_lm import MemoryLM, MemoryMode
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -71,8 +68,8 @@ class UIOLM(TrainModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold the trainable tensors only; the base comes from `pretrained`
         base = load_causal_lm(pretrained, config, dtype=dtype)
-        self.model = MemoryLM(base, segment_length, num_memory_tokens, encoder_rank, encoder_alpha, transfer_rank,
-                              transfer_alpha, lora_dropout)
+        self.model = MemoryLM.from_base(base, segment_length, num_memory_tokens, encoder_rank, encoder_alpha,
+                                        transfer_rank, transfer_alpha, lora_dropout)
         self.sampler_name, self.window, self.seed, self.clip_grad_norm = sampler, window, seed, clip_grad_norm
         self.tbptt = IncrementalTBPTT(self._policy(0), compensate=compensate, backward=self.manual_backward)
 
@@ -176,10 +173,10 @@ class UIOLM(TrainModule):
             self.export(self.export_dir)
 
     def export(self, directory: str) -> None:
-        """Write the trainable tensors (LoRAs, <mem> embedding) as safetensors plus the settings that rebuild them."""
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.trainable_state_dict().items()},
-                  str(path / "uio_memory.safetensors"))
-        settings = {k: v for k, v in self.hparams.items() if k not in ("export_dir",)}
-        (path / "uio_config.json").write_text(json.dumps(settings, indent=2, default=str))
+        """The memory model as a transformers folder (``MemoryLM.save_pretrained``: config.json with the base's
+        config, the weights) plus the data's tokenizer; ``AutoModel.from_pretrained`` loads it after
+        ``import effitrain.models``."""
+        self.model.save_pretrained(directory)
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None) if self._trainer else None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)

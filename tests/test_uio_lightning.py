@@ -11,6 +11,7 @@ from effitrain.datamodules.long_context import PasskeyDataModule
 from effitrain.lightning_modules.uio_lm import UIOLM
 from effitrain.methods.incremental_tbptt import IncrementalTBPTT
 from effitrain.methods.reservoir import RecencyWindow
+from effitrain.models.memory_lm import MemoryLM
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 SEG = 16
@@ -100,7 +101,10 @@ def test_recipe_trains_only_memory_parameters_and_checkpoints_rng(tmp_path, tiny
         if key in base_before:
             assert torch.equal(value, base_before[key]), key
     assert any(not torch.equal(v, memory_before[k]) for k, v in trainable(module).items())
-    assert (tmp_path / "export" / "uio_memory.safetensors").exists()
+    reloaded = MemoryLM.from_pretrained(tmp_path / "export")
+    ids = torch.randint(2, 64, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), module.model(ids))
 
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert set(checkpoint["state_dict"]) == {f"model.{k}" for k in module.model.trainable_state_dict()}
