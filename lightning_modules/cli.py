@@ -14,7 +14,11 @@ import sys
 
 import lightning as L
 from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
-from effitrain.lightning_modules.config_files import DEFAULT_TRAINER_CONFIG, resolve_config_args
+from effitrain.lightning_modules.config_files import (
+    DEFAULT_TRAINER_CONFIG,
+    AmbiguousConfigName,
+    resolve_config_args,
+)
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -100,6 +104,8 @@ def main(args: list[str] | None = None) -> None:
     ends with one ``error:`` line naming the fix (exit status 1), not a traceback."""
     try:
         build_cli(args)
+    except AmbiguousConfigName as err:
+        sys.exit(f"error: {err}")
     except Exception as err:
         missing = _missing_input(err)
         if missing is None:

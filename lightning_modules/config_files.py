@@ -9,6 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+class AmbiguousConfigName(ValueError):
+    """A ``--config`` name that matches several packaged configs."""
+
 DEFAULT_TRAINER_CONFIG = CONFIG_ROOT / "trainer" / "default.yaml"
 
 
@@ -21,7 +26,7 @@ def resolve_config(name: str) -> str:
     parser to report.
 
     Raises:
-        ValueError: a bare name that matches several packaged configs (the message lists them).
+        AmbiguousConfigName: a bare name that matches several packaged configs (the message lists them).
     """
     if Path(name).expanduser().exists() or name.lstrip().startswith(("{", "[")):  # a file, or inline YAML
         return name
@@ -35,7 +40,7 @@ def resolve_config(name: str) -> str:
     found = sorted(CONFIG_ROOT.rglob(file))
     if len(found) > 1:
         names = ", ".join(p.relative_to(CONFIG_ROOT).with_suffix("").as_posix() for p in found)
-        raise ValueError(f"--config {name!r} names several packaged configs ({names}); give one of these.")
+        raise AmbiguousConfigName(f"--config {name!r} names several packaged configs ({names}); give one of these.")
     return str(found[0]) if found else name
 
 

@@ -74,3 +74,29 @@ def test_missing_input_ends_with_one_error_line(override, names, tmp_path):
     assert len(errors) == 1 and errors[0] == lines[-1], lines
     for name in names:
         assert name in errors[0]
+
+
+def test_config_names_resolve_to_packaged_recipes(tmp_path, monkeypatch):
+    from effitrain.lightning_modules import config_files
+    from effitrain.lightning_modules.config_files import CONFIG_ROOT, resolve_config, resolve_config_args
+
+    monkeypatch.chdir(tmp_path)  # outside a checkout: no configs/ folder here
+    quickstart = str(CONFIG_ROOT / "pretrain" / "quickstart.yaml")
+    for name in ("quickstart", "quickstart.yaml", "pretrain/quickstart", "configs/pretrain/quickstart.yaml"):
+        assert resolve_config(name) == quickstart, name
+    assert resolve_config("mofo") == str(CONFIG_ROOT / "mofo" / "mofo.yaml")
+    assert resolve_config("full/mofo_llama2_7b_metamath") == str(CONFIG_ROOT / "mofo" / "full" /
+                                                                 "mofo_llama2_7b_metamath.yaml")
+    (tmp_path / "mine.yaml").write_text("trainer: {}\n")
+    assert resolve_config("mine.yaml") == "mine.yaml"  # an existing file wins over a packaged name
+    assert resolve_config("no_such_recipe") == "no_such_recipe"  # left for the parser to report
+    assert resolve_config_args(["fit", "--config", "quickstart", "--config=mofo"]) == [
+        "fit", "--config", quickstart, "--config=" + str(CONFIG_ROOT / "mofo" / "mofo.yaml")]
+
+    packaged = tmp_path / "packaged"
+    for method in ("a", "b"):
+        (packaged / method).mkdir(parents=True)
+        (packaged / method / "same.yaml").write_text("{}\n")
+    monkeypatch.setattr(config_files, "CONFIG_ROOT", packaged)
+    with pytest.raises(ValueError, match=r"several packaged configs \(a/same, b/same\)"):
+        config_files.resolve_config("same")
