@@ -7,19 +7,18 @@ the producing config (the one whose ``export_dir`` writes it) in the same tempor
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
 from conftest import REPO, run_cli
 from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
+from effitrain.lightning_modules.artifacts import consumed_artifacts, exported_paths
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
 CONFIGS = REPO / "configs"
 FRAGMENTS = sorted(p for d in ("trainer", "data", "callbacks") for p in (CONFIGS / d).glob("*.yaml"))
 RECIPES = sorted(p for p in CONFIGS.glob("*/*.yaml") if p.parent.name not in ("trainer", "data", "callbacks"))
 FULL = sorted(CONFIGS.glob("*/full/*.yaml"))
-ARTIFACT = re.compile(r"['\"]?(artifacts/[\w./-]+)")
 
 
 def rel(path: Path) -> str:
@@ -27,11 +26,11 @@ def rel(path: Path) -> str:
 
 
 def produces(config: Path) -> set[str]:
-    return set(re.findall(r"export_dir:\s*['\"]?(artifacts/[\w./-]+)", config.read_text()))
+    return {path for path in exported_paths(config.read_text()) if path.startswith("artifacts/")}
 
 
 def consumes(config: Path) -> set[str]:
-    return set(ARTIFACT.findall(config.read_text())) - produces(config)
+    return consumed_artifacts(config.read_text())
 
 
 def print_config(*configs: Path) -> None:
