@@ -36,7 +36,7 @@ class SoftCausalMask(Callback):
 
     Works with any model that has modules exposing a float ``attribute`` (``soft_mask_rate`` by default,
     1 = bidirectional, 0 = causal), e.g. ``timm.create_model('illama_tiny_patch16_224')`` after
-    ``import models``. The rate is a deterministic function of ``trainer.global_step``, so every DDP rank
+    ``import effitrain.models``. The rate is a deterministic function of ``trainer.global_step``, so every DDP rank
     agrees without communication, and gradient accumulation keeps one rate per optimizer step. Validation
     uses the rate of the last step, as the official code does. The resolved schedule length is saved in the
     checkpoint, so a resumed run continues the same schedule (even with another number of devices).
@@ -80,7 +80,7 @@ class SoftCausalMask(Callback):
         if not self._targets:
             raise ValueError(f"SoftCausalMask found no module of {type(pl_module).__name__} with a float "
                              f"`{self.attribute}` attribute. Use a model that exposes it (e.g. "
-                             "`illama_tiny_patch16_224` after `import models`) or set `attribute`.")
+                             "`illama_tiny_patch16_224` after `import effitrain.models`) or set `attribute`.")
 
     def _apply(self, rate: float) -> None:
         self.rate = rate

@@ -33,7 +33,8 @@ def require_local_model(path: str, what: str = "starting model") -> None:
     if Path(path).expanduser().exists():
         return
     makers = producing_configs(path)
-    hint = (f"Make it first: `python train.py fit --config {makers[0]}`." if makers
+    hint = (f"Make it first: `effitrain fit --config {makers[0]}` (in a checkout: `python train.py fit --config "
+            f"{makers[0]}`)." if makers
             else "Give an existing folder or a hub name.")
     raise MissingArtifactError(f"The {what} {path!r} does not exist. {hint}")
 

@@ -14,7 +14,11 @@ import sys
 
 import lightning as L
 from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
-from effitrain.lightning_modules.config_files import DEFAULT_TRAINER_CONFIG, resolve_config_args
+from effitrain.lightning_modules.config_files import (
+    DEFAULT_TRAINER_CONFIG,
+    AmbiguousConfigName,
+    resolve_config_args,
+)
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
@@ -66,8 +70,14 @@ class EffitrainCLI(LightningCLI):
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> EffitrainCLI:
-    """The CLI object (tests and notebooks use this; the console script uses :func:`main`)."""
-    args = resolve_config_args(sys.argv[1:] if args is None else list(args))
+    """The CLI object (tests and notebooks use this; the console script uses :func:`main`).
+
+    ``args`` default to the command line (``sys.argv[1:]``), with each ``--config`` name resolved.
+    """
+    if args is None:  # resolved in place: LightningCLI warns when given `args` beside a command line
+        sys.argv[1:] = resolve_config_args(sys.argv[1:])
+    else:
+        args = resolve_config_args(list(args))
     return EffitrainCLI(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
@@ -77,12 +87,30 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> EffitrainCLI:
     )
 
 
+def _missing_input(err: BaseException) -> FileNotFoundError | None:
+    """The FileNotFoundError behind ``err``, if any (jsonargparse re-raises a failed ``__init__`` as a
+    ValueError caused by it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, FileNotFoundError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> None:
-    """The ``effitrain`` console script: exit status 0 on success; a missing input ends with one message."""
+    """The ``effitrain`` console script: exit status 0 on success; a missing starting model or data path
+    ends with one ``error:`` line naming the fix (exit status 1), not a traceback."""
     try:
         build_cli(args)
-    except FileNotFoundError as err:  # a missing starting model (MissingArtifactError) or data path
+    except AmbiguousConfigName as err:
         sys.exit(f"error: {err}")
+    except Exception as err:
+        missing = _missing_input(err)
+        if missing is None:
+            raise
+        sys.exit(f"error: {missing}")
 
 
 if __name__ == "__main__":
