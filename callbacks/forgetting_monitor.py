@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
+from typing_extensions import override
 
 
 def _lora_deltas(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -83,6 +84,7 @@ class ForgettingMonitor(Callback):
         self._last_step = -1
 
     # ------------------------------------------------------------------------------------------ setup
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or self._loader is not None:
             return
@@ -94,18 +96,21 @@ class ForgettingMonitor(Callback):
         else:
             self._loader = data
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.track_distance and self._theta0 is None:  # not restored from a checkpoint
             self._theta0, self._theta0_norm = self._snapshot(pl_module)
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
             self._evaluate(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, pl_module)
@@ -185,10 +190,12 @@ class ForgettingMonitor(Callback):
             logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- resume
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history), "theta0": self._theta0, "theta0_norm": self._theta0_norm,
                 "last_step": self._last_step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
         self._theta0, self._theta0_norm = state_dict["theta0"], state_dict["theta0_norm"]

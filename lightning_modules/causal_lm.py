@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from typing_extensions import override
 
 #: The quickstart's tiny LLaMA (5.5M parameters): widths are multiples of 128 so that group-wise
 #: quantization with g = 64 or 128 divides every Linear.
@@ -41,6 +42,15 @@ def load_causal_lm(pretrained: str | None, config: dict | None = None, trust_rem
     except OSError as err:
         raise ValueError(f"Could not load the model {pretrained!r}: it is not a local model folder and could not "
                          f"be fetched from the hub (no network, or no such model). ({err})") from None
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of a transformers model (also inside a peft wrapper) whose class it lists in
+    ``_no_split_modules``: the decoder layers (``LlamaDecoderLayer``, ...)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 class CausalLM(TrainModule):
@@ -79,6 +89,11 @@ class CausalLM(TrainModule):
         if tokenizer is not None and len(tokenizer) > vocab:
             raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}: "
                              "use the model's own tokenizer, or a matching `vocab_size`.")
+
+    @override
+    def shard_blocks(self) -> list[torch.nn.Module]:
+        """The decoder layers: the classes transformers itself keeps whole (``_no_split_modules``)."""
+        return decoder_blocks(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -53,6 +53,13 @@ class UIOLM(TrainModule):
             encoder flush twice), or when the data's longest sequence exceeds the model's context budget.
     """
 
+    sharding_refusal = (
+        "incremental TBPTT runs one backward per segment plus one per flushed encoder graph, and FSDP2 "
+        "reduce-scatters gradients in every backward, so ranks whose sequences have different numbers of "
+        "segments would make different numbers of collectives (a hang). The trainable tensors are LoRAs and one "
+        "embedding (2% of the model): use DDP (configs/trainer/ddp.yaml), whose single all-reduce per step the "
+        "recipe controls.")
+
     def __init__(self, pretrained: str | None = "artifacts/tiny_llama", config: dict[str, Any] | None = None,
                  dtype: str | None = None, segment_length: int = 1024, num_memory_tokens: int = 32,
                  encoder_rank: int = 128, encoder_alpha: float = 512, transfer_rank: int = 128,
