@@ -49,6 +49,13 @@ class TrainModule(L.LightningModule):
             raise ValueError(f"{type(self).__name__} cannot run under {type(strategy).__name__}: "
                              f"{self.sharding_refusal}")
         if is_fsdp2(strategy):
+            exports = {k: v for k in ("export_dir", "merged_dir") if (v := getattr(self, k, None))}
+            if exports:
+                raise ValueError(
+                    f"{type(self).__name__} under FSDP2 cannot write {exports} at the end of fit: the exports read "
+                    "whole tensors, and FSDP2 holds a shard of each on every rank. Set them to null, train (the "
+                    "checkpoints are sharded folders), then consolidate the last one with `python -m "
+                    "lightning.pytorch.utilities.consolidate_checkpoint <ckpt>` and export it in one process.")
             shard(self, self.shard_blocks(), self.device_mesh)
 
     def param_groups(self) -> list[dict] | list[tuple[str, torch.nn.Parameter]]:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -66,13 +68,19 @@ def mofo(params):
     return MoFO(params, lr=1e-2, weight_decay=0.1, fraction=0.15)
 
 
-def build(name: str):
+def build(name: str, root: str | None = None):
     """(module, dataset, callbacks, gradient_clip_val) of a job; the same on every rank and in 1 process."""
     torch.manual_seed(0)
-    if name in ("causal_lm", "causal_lm_mofo"):
+    export = f"{root}/export" if root else None
+    if name in ("causal_lm", "causal_lm_mofo", "causal_lm_mofo_resume"):
         from effitrain.lightning_modules.causal_lm import CausalLM
 
-        return CausalLM(config=TINY_LM, optimizer=sgd if name == "causal_lm" else mofo), Tokens(), [], 1.0
+        optimizer = sgd if name == "causal_lm" else mofo
+        return CausalLM(config=TINY_LM, optimizer=optimizer), Tokens(), [], 1.0
+    if name == "causal_lm_export":  # an export at the end of fit: refused under FSDP2 before training
+        from effitrain.lightning_modules.causal_lm import CausalLM
+
+        return CausalLM(config=TINY_LM, optimizer=sgd, export_dir=export or "export"), Tokens(), [], 1.0
     if name == "moslora":
         from effitrain.lightning_modules.adapter_lm import AdapterCausalLM
         from effitrain.methods.moslora import MoSLoraConfig
@@ -113,19 +121,26 @@ def full_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             for n, p in module.named_parameters()}
 
 
-def fit(name: str, devices: int, strategy="auto", root: str | None = None):
-    module, data, callbacks, clip = build(name)
-    # the ranks take alternate samples in order, so together they see the 1-process batch of each step
+def fit(name: str, devices: int, strategy="auto", root: str | None = None, max_steps: int = STEPS,
+        checkpoint_every: int | None = None, ckpt_path: str | None = None):
+    module, data, callbacks, clip = build(name, root)
+    if checkpoint_every:
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=f"{root}/ckpt", every_n_train_steps=checkpoint_every,
+                                                 save_top_k=-1, filename="{step}")]
+    # the ranks take alternate samples in order, so together they see the 1-process batch of each step; the
+    # stateful loader resumes mid-epoch where it stopped
     sampler = DistributedSampler(data, devices, int(os.environ.get("RANK", 0)), shuffle=False) if devices > 1 else None
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=clip, callbacks=callbacks,
-                        default_root_dir=root, use_distributed_sampler=False)
-    trainer.fit(module, DataLoader(data, batch_size=GLOBAL_BATCH // devices, sampler=sampler))
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps, logger=False,
+                        enable_checkpointing=bool(checkpoint_every), enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        gradient_clip_val=clip, callbacks=callbacks, default_root_dir=root,
+                        use_distributed_sampler=False)
+    trainer.fit(module, StatefulDataLoader(data, batch_size=GLOBAL_BATCH // devices, sampler=sampler),
+                ckpt_path=ckpt_path)
     return module, trainer
 
 
-JOBS = ["causal_lm", "causal_lm_mofo", "moslora", "illama", "mambar", "uio", "dynamic_sparsity", "sparsity_search"]
+JOBS = ["causal_lm_export", "causal_lm", "causal_lm_mofo", "moslora", "illama", "mambar", "uio", "dynamic_sparsity", "sparsity_search"]
 
 
 def main(out: Path) -> None:
@@ -140,6 +155,11 @@ def main(out: Path) -> None:
             results[name] = str(err)
             continue
         results[name] = full_parameters(module)
+    # save after 2 of 3 steps (mid-epoch: 3 batches an epoch), then resume in a new trainer to step 3
+    name, root = "causal_lm_mofo_resume", str(out / "causal_lm_mofo_resume")
+    fit(name, 2, FSDP2Strategy(), root=root, max_steps=2, checkpoint_every=2)
+    module, _ = fit(name, 2, FSDP2Strategy(), root=root, ckpt_path=f"{root}/ckpt/step=2.ckpt")
+    results[name] = full_parameters(module)
     if torch.distributed.get_rank() == 0:
         torch.save(results, out / "fsdp2.pt")
 
