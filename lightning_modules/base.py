@@ -53,9 +53,11 @@ class TrainModule(L.LightningModule):
             if exports:
                 raise ValueError(
                     f"{type(self).__name__} under FSDP2 cannot write {exports} at the end of fit: the exports read "
-                    "whole tensors, and FSDP2 holds a shard of each on every rank. Set them to null, train (the "
-                    "checkpoints are sharded folders), then consolidate the last one with `python -m "
-                    "lightning.pytorch.utilities.consolidate_checkpoint <ckpt>` and export it in one process.")
+                    "whole tensors, and FSDP2 holds a shard of each on every rank. Train with them null and "
+                    "`--trainer.strategy.init_args.save_distributed_checkpoint=false` (rank 0 writes one consolidated "
+                    "checkpoint), then write the exports in one process: the same command with `--trainer.devices=1 "
+                    "--trainer.strategy=auto --ckpt_path <last.ckpt>` and the exports set (max_steps is reached, so "
+                    "fit ends at once and exports).")
             shard(self, self.shard_blocks(), self.device_mesh)
 
     def param_groups(self) -> list[dict] | list[tuple[str, torch.nn.Parameter]]:

@@ -122,8 +122,9 @@ def full_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fit(name: str, devices: int, strategy="auto", root: str | None = None, max_steps: int = STEPS,
-        checkpoint_every: int | None = None, ckpt_path: str | None = None):
+        checkpoint_every: int | None = None, ckpt_path: str | None = None, export_dir: str | None = None):
     module, data, callbacks, clip = build(name, root)
+    module.export_dir = export_dir
     if checkpoint_every:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=f"{root}/ckpt", every_n_train_steps=checkpoint_every,
                                                  save_top_k=-1, filename="{step}")]
@@ -160,6 +161,11 @@ def main(out: Path) -> None:
     fit(name, 2, FSDP2Strategy(), root=root, max_steps=2, checkpoint_every=2)
     module, _ = fit(name, 2, FSDP2Strategy(), root=root, ckpt_path=f"{root}/ckpt/step=2.ckpt")
     results[name] = full_parameters(module)
+    # a consolidated checkpoint (rank 0 writes one file) after 2 steps, for a 1-process export
+    root = str(out / "consolidated")
+    fit("causal_lm_mofo", 2, FSDP2Strategy(save_distributed_checkpoint=False), root=root, max_steps=2,
+        checkpoint_every=2)
+    results["consolidated"] = f"{root}/ckpt/step=2.ckpt"
     if torch.distributed.get_rank() == 0:
         torch.save(results, out / "fsdp2.pt")
 

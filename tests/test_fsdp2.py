@@ -80,3 +80,18 @@ def test_fsdp2_resume_mid_epoch_equals_uninterrupted(fsdp2_results):
     for n, ref in uninterrupted.items():
         delta = (resumed[n] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
         assert delta <= RTOL, f"{n} differs by {delta:.2e} after resuming"
+
+
+def test_consolidated_checkpoint_exports_as_one_process(fsdp2_results, tmp_path):
+    """The export path under FSDP2: ``save_distributed_checkpoint: false`` writes one consolidated checkpoint;
+    resumed in one process with ``max_steps`` already reached, fit ends at once and writes ``export_dir``: the
+    HF folder equals the export of a 1-process run of the same 2 steps."""
+    from safetensors.torch import load_file
+
+    fsdp2_jobs.fit("causal_lm_mofo", 1, root=str(tmp_path / "a"), max_steps=2, ckpt_path=fsdp2_results["consolidated"],
+                   export_dir=str(tmp_path / "sharded_export"))
+    fsdp2_jobs.fit("causal_lm_mofo", 1, root=str(tmp_path / "b"), max_steps=2, export_dir=str(tmp_path / "export"))
+    sharded, reference = (load_file(tmp_path / d / "model.safetensors") for d in ("sharded_export", "export"))
+    assert sharded.keys() == reference.keys() and len(reference) > 10
+    for n, ref in reference.items():
+        assert (sharded[n] - ref).abs().max() / ref.abs().max() <= RTOL, n
