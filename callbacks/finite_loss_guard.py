@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from typing_extensions import override
 
 
 class FiniteLossGuard(L.Callback):
@@ -26,6 +27,7 @@ class FiniteLossGuard(L.Callback):
             raise ValueError(f"check_every_n_steps must be >= 1, got {check_every_n_steps}.")
         self.check_every_n_steps = check_every_n_steps
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if batch_idx % self.check_every_n_steps:

@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from typing_extensions import override
 
 #: The quickstart's tiny LLaMA (5.5M parameters): widths are multiples of 128 so that group-wise
 #: quantization with g = 64 or 128 divides every Linear.
@@ -64,6 +65,15 @@ def align_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     context = getattr(model.config, "max_position_embeddings", None)
     if context:
         tokenizer.model_max_length = context
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of a transformers model (also inside a peft wrapper) whose class it lists in
+    ``_no_split_modules``: the decoder layers (``LlamaDecoderLayer``, ...)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 class CausalLM(TrainModule):
@@ -109,6 +119,11 @@ class CausalLM(TrainModule):
                              "use the model's own tokenizer, or a matching `vocab_size`.")
         if tokenizer is not None:
             align_with_tokenizer(self.model, tokenizer)
+
+    @override
+    def shard_blocks(self) -> list[torch.nn.Module]:
+        """The decoder layers: the classes transformers itself keeps whole (``_no_split_modules``)."""
+        return decoder_blocks(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -68,6 +68,11 @@ class EfficientQATBlockAP(TrainModule):
         export_dir: where the packed model is written.
     """
 
+    sharding_refusal = (
+        "Block-AP trains one decoder block at a time with its own optimizer swapped into the strategy and keeps "
+        "the block inputs in memory; a sharded root would all-gather the whole model for every block. It needs "
+        "one block and its calibration activations on one device: run it on a single device.")
+
     def __init__(self, pretrained: str, bits: int = 2, group_size: int = 64, epochs_per_block: int = 2,
                  quant_lr: float = 1e-4, weight_lr: float | None = None, min_lr_factor: float = 20.0,
                  cache_dtype: str = "float16", cache_dir: str | None = None,

@@ -20,6 +20,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 
 def create_timm_model(model_name: str, num_classes: int, pretrained: str | None = None, **kwargs) -> torch.nn.Module:
@@ -78,6 +79,15 @@ class ImageClassifier(TrainModule):
             return super().param_groups()
         skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
         return no_decay_groups(self, skip)
+
+    @override
+    def shard_blocks(self) -> list[torch.nn.Module]:
+        """The repeated blocks of the network: timm's ``blocks`` / ``layers`` / ``stages`` children."""
+        for attr in ("blocks", "layers", "stages"):
+            blocks = getattr(self.model, attr, None)
+            if isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList):
+                return list(blocks)
+        return []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

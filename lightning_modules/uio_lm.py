@@ -21,7 +21,7 @@ import time
 from typing import Any, Literal
 
 import torch
-from effitrain.lightning_modules.base import TrainModule, adamw, no_decay_groups
+from effitrain.lightning_modules.base import TrainModule, adamw
 from effitrain.lightning_modules.causal_lm import load_causal_lm
 from effitrain.methods.incremental_tbptt import IncrementalTBPTT
 from effitrain.methods.reservoir import RecencyWindow, ReservoirSampler
@@ -49,6 +49,13 @@ class UIOLM(TrainModule):
         ValueError: on an unknown ``sampler``/``eval_memory``, on fp16 precision (the loss scaler would scale the
             encoder flush twice), or when the data's longest sequence exceeds the model's context budget.
     """
+
+    sharding_refusal = (
+        "incremental TBPTT runs one backward per segment plus one per flushed encoder graph, and FSDP2 "
+        "reduce-scatters gradients in every backward, so ranks whose sequences have different numbers of "
+        "segments would make different numbers of collectives (a hang). The trainable tensors are LoRAs and one "
+        "embedding (2% of the model): use DDP (configs/trainer/ddp.yaml), whose single all-reduce per step the "
+        "recipe controls.")
 
     def __init__(self, pretrained: str | None = "artifacts/tiny_llama", config: dict[str, Any] | None = None,
                  dtype: str | None = None, segment_length: int = 1024, num_memory_tokens: int = 32,
@@ -78,8 +85,10 @@ class UIOLM(TrainModule):
             return RecencyWindow(self.window)
         return ReservoirSampler(self.window, seed=self.seed + rank)
 
-    def param_groups(self) -> list[dict]:
-        return no_decay_groups(self.model)
+    def param_groups(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Every trainable tensor (the LoRAs and the memory embedding) with the optimizer's weight decay, as the
+        official run's single AdamW group (wd 0.1 on the memory embedding too)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
@@ -90,6 +99,13 @@ class UIOLM(TrainModule):
             self.model.check_context(longest)
 
     def on_fit_start(self) -> None:
+        # fp32 master weights for the trainable tensors whatever the precision (`bf16-true` casts the whole
+        # module): a bf16 LoRA would round lr·update ≈ 1e-4·|w| away, and AdamW's state follows the parameter's
+        # dtype. The model casts LoRA inputs and the memory embedding to the compute dtype itself, so the
+        # frozen base stays bf16. The optimizer holds these same Parameter objects; its state starts at step 1.
+        for param in self.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
         if str(self.trainer.precision).startswith("16"):
             raise ValueError("UIOLM does not support fp16 (`16-mixed`): the loss scaler would scale the encoder "
                              "flush twice. Use `precision: bf16-mixed`/`bf16-true` (as the paper) or `32-true`.")

@@ -59,6 +59,10 @@ MIXER_NAME = "lora_AB"  # the official code's and PaddleNLP's key, so their adap
 SAVED_PEFT_TYPE = "MOSLORA: load with effitrain.methods.moslora.load_moslora"
 
 
+#: peft inits that subtract a decomposition of W0 as B·A (assuming no mixer) from the base weight
+_W0_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+
+
 @dataclass
 class MoSLoraConfig(LoraConfig):
     """A `LoraConfig` whose adapters carry an r×r mixer between A and B (MoSLoRA, Eq. 4).
@@ -69,8 +73,9 @@ class MoSLoraConfig(LoraConfig):
         All other arguments are `peft.LoraConfig`'s.
 
     Raises:
-        ValueError: on an unknown `mixer_init` (a zero mixer with B = 0 never trains), or with DoRA or
-            any other LoRA variant, which MoSLoRA does not compose with.
+        ValueError: on an unknown `mixer_init` (a zero mixer with B = 0 never trains), with DoRA or
+            any other LoRA variant, which MoSLoRA does not compose with, or with an `init_lora_weights` that
+            rewrites W0 from the pretrained weights (pissa, olora, corda, loftq, eva).
     """
 
     mixer_init: str = field(
@@ -88,6 +93,12 @@ class MoSLoraConfig(LoraConfig):
             raise ValueError(f"mixer_init={self.mixer_init!r} is not one of {MIXER_INITS}.{hint}")
         if self.use_dora:
             raise ValueError("MoSLoRA does not compose with DoRA: set use_dora=False or use a plain LoraConfig.")
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.split("[")[0].split("_")[0].lower() in _W0_REWRITING_INITS:
+            raise ValueError(
+                f"init_lora_weights={init!r} rewrites W0 assuming ΔW = s·B·A, but MoSLoRA's ΔW = s·B·M·A with a "
+                "random mixer M, so the model's output would change at initialisation. Use True (kaiming A, zero "
+                "B; the official init) or 'gaussian'.")
         # peft's experimental hook for custom LoRA layers; checked before the built-in dispatchers. It is
         # not serialized, which is why `load_moslora` rebuilds a MoSLoraConfig at load time.
         # (nn.Module last: any other matched layer type gets a clear error instead of peft's variant error)
