@@ -3,7 +3,8 @@
 
 Sources: ``builtin:arithmetic`` (seeded synthetic questions and answers, the offline default), a local
 ``.jsonl``/``.parquet`` file or folder, or a hub dataset. Records use Alpaca fields (``instruction``,
-optional ``input``, ``output``) or ``prompt``/``response``. Prompts use the Alpaca template.
+optional ``input``, ``output``), Dolly's (``instruction``, optional ``context``, ``response``) or
+``prompt``/``response``. Prompts use the Alpaca template.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ def format_prompt(record: dict) -> tuple[str, str]:
     if "instruction" in record and "output" in record:
         template = TEMPLATE_WITH_INPUT if record.get("input") else TEMPLATE
         return template.format(instruction=record["instruction"], input=record.get("input", "")), record["output"]
-    raise ValueError(f"Record has fields {sorted(record)}; expected instruction/output (Alpaca) or "
-                     "prompt/response.")
+    if "instruction" in record and "response" in record:  # databricks-dolly-15k: instruction/context/response
+        template = TEMPLATE_WITH_INPUT if record.get("context") else TEMPLATE
+        return template.format(instruction=record["instruction"], input=record.get("context", "")), record["response"]
+    raise ValueError(f"Record has fields {sorted(record)}; expected instruction/output (Alpaca), "
+                     "instruction/context/response (Dolly) or prompt/response.")
 
 
 class InstructionDataset(Dataset):
