@@ -185,7 +185,7 @@ class SULQuantizer(nn.Module):
         s = ((hi - lo) / (2**self.bits - 1)).clamp_min(_EPS)
         return s, torch.round(-lo / s)
 
-    def _apply(self, x: torch.Tensor, eta, s, z) -> torch.Tensor:
+    def _quantize(self, x: torch.Tensor, eta, s, z) -> torch.Tensor:
         y = uniform_fake_quant(-torch.log2(x + eta), s, z, self.bits)
         return torch.exp2(-round_ste(y)) - eta
 
@@ -194,7 +194,7 @@ class SULQuantizer(nn.Module):
         """MSE of SULQ with shift ``eta`` (its range taken from ``x``) on ``x``."""
         x = x.detach().float()
         s, z = self._params(x, eta)
-        return float((self._apply(x, eta, s, z) - x).pow(2).mean())
+        return float((self._quantize(x, eta, s, z) - x).pow(2).mean())
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
@@ -218,7 +218,7 @@ class SULQuantizer(nn.Module):
             return x
         if not bool(self.initialized):
             raise RuntimeError("SULQuantizer used before calibration: calibrate it first (calibrating = True).")
-        return self._apply(x, self.eta.to(x.dtype), self.scale.to(x.dtype), self.zero_point.to(x.dtype))
+        return self._quantize(x, self.eta.to(x.dtype), self.scale.to(x.dtype), self.zero_point.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, eta={float(self.eta):g}"
