@@ -4,11 +4,13 @@ post-softmax activations and the three-stage SOS reconstruction, evaluated and e
     python train.py fit --config configs/pretrain/image_quickstart.yaml   # the FP model (artifacts/digits_vit)
     python train.py fit --config configs/isvit/isvit_w4a4.yaml            # quantize, validate, export
 
-How it maps onto Lightning: the whole calibration and reconstruction (``effitrain.methods.isvit_sos.run_isvit``)
-runs in ``on_fit_start`` on the trainer's device, with a Rich progress bar per stage; it is post-training,
-so there is no optimizer step of Lightning's own (``max_epochs: 1``, ``limit_train_batches: 1``, and a
-``training_step`` that does nothing). The validation loop that follows reports the quantized model's
-``val/acc``. Calibration images are ``calib_images`` images drawn (seeded) from the datamodule's training
+How it maps onto Lightning: ``effitrain.methods.isvit_sos.isvit_steps`` is the whole method as a sequence of
+reconstruction steps (captures, quantizer calibration and stage two happen between them). Each Lightning
+training step applies one of them with the current unit's Adam, which is handed to the strategy when the unit
+starts (so Lightning's progress bar, step count and ``train/loss`` follow the reconstruction); the training
+batch only paces the loop. ``max_epochs: -1``: the run stops (``should_stop``) after the last step, and the
+validation that follows reports the quantized model's ``val/acc`` (earlier validations are skipped). A run
+stopped early (``fast_dev_run``, ``max_steps``) finishes the remaining steps in ``on_train_end``. Calibration images are ``calib_images`` images drawn (seeded) from the datamodule's training
 split with its evaluation transforms. The FP model used for targets is an untouched copy that is no
 submodule (not in the checkpoint). ``export_dir`` receives ``model.safetensors`` (uint8 weight codes, scales,
 zero points, the activation quantizers' scales/zero points and SULQ's eta), ``config.json`` and
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.image_classifier import create_timm_model
-from effitrain.methods.isvit_sos import RECONSTRUCTIONS, run_isvit
+from effitrain.methods.isvit_sos import RECONSTRUCTIONS, apply_step, isvit_steps, planned_steps
 from effitrain.methods.vit_ptq import (
     load_quantized_state,
     quantize_vit,
@@ -141,42 +143,95 @@ class ISViTPTQ(TrainModule):
             base.transform = saved
 
     @override
-    def on_fit_start(self) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        hp = self.hparams
-        images = self.calibration_images()
-        iters = 1 if self.trainer.fast_dev_run else hp.iters
-        self.fp_model.to(self.device)
-        tasks: dict[str, int] = {}
-        with Progress(TextColumn("I&S-ViT {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), TimeRemainingColumn(), disable=not self.trainer.is_global_zero) as bar:
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=max(total, 1))
-                bar.update(tasks[stage], completed=done)
-
-            self.stats = run_isvit(self.model, self.fp_model, images, reconstruction=hp.reconstruction, iters=iters,
-                                   batch_size=hp.batch_size, lr=hp.lr, init_images=hp.init_images,
-                                   device=self.device, seed=hp.seed, progress=progress)
-        self.fp_model.to("cpu")
-        seconds = ", ".join(f"{k} {v:.1f} s" for k, v in self.stats["seconds"].items())
-        rank_zero_info(f"I&S-ViT W{hp.w_bits}/A{hp.a_bits} {hp.post_softmax} {hp.reconstruction}: {len(images)} "
-                       f"calibration images, {iters} iterations per unit; {seconds}")
+    def configure_optimizers(self):
+        # Each unit gets its own Adam (methods/isvit_sos.py), handed to the strategy when the unit starts so
+        # that Lightning counts its steps; this one only stands in until then.
+        return torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=self.hparams.lr)
 
     @override
-    def configure_optimizers(self):
-        return None  # the reconstruction has its own per-unit Adam (methods/isvit_sos.py)
+    def on_train_start(self) -> None:
+        """Draw the calibration images and start the step sequence (the FP copy goes to the device)."""
+        hp = self.hparams
+        images = self.calibration_images()
+        self.iters = 1 if self.trainer.fast_dev_run else hp.iters
+        self.fp_model.to(self.device)
+        self.stats = {}
+        self.total_steps = planned_steps(self.model, hp.reconstruction, self.iters)
+        self.steps = isvit_steps(self.model, self.fp_model, images, reconstruction=hp.reconstruction,
+                                 iters=self.iters, batch_size=hp.batch_size, lr=hp.lr, init_images=hp.init_images,
+                                 device=self.device, seed=hp.seed, stats=self.stats)
+        self.finished, self.current, self.pending, self.done_steps = False, None, None, 0
+        rank_zero_info(f"I&S-ViT W{hp.w_bits}/A{hp.a_bits} ({hp.post_softmax}, {hp.reconstruction}): "
+                       f"{len(images)} calibration images, {self.total_steps} reconstruction steps.")
+
+    def _next_step(self):
+        step, self.pending = (self.pending, None) if self.pending is not None else (next(self.steps, None), None)
+        if step is None:
+            self._finish()
+        return step
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.fp_model.to("cpu")
+        seconds = ", ".join(f"{k} {v:.1f} s" for k, v in self.stats["seconds"].items())
+        rank_zero_info(f"I&S-ViT done: {seconds}")
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Take the next reconstruction step; a new unit's Adam is handed to the strategy here, before
+        Lightning wires its step counting for the batch."""
+        self.step = None
+        if self.finished:
+            self.trainer.should_stop = True
+            return
+        self.model.eval()  # Lightning switches modules to train mode at each epoch; the wrapped ViT stays in eval
+        self.step = self._next_step()
+        if self.step is None:
+            self.trainer.should_stop = True
+        elif self.step.optimizer is not self.current:
+            self.current = self.step.optimizer
+            self.trainer.strategy.optimizers = [self.step.optimizer]
+            rank_zero_info(f"I&S-ViT {self.step.stage}: {self.step.unit}")
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> None:
+        """Apply the step taken in ``on_train_batch_start``; the batch only paces the loop (the calibration
+        activations are cached)."""
+        step = self.step
+        if step is None:
+            return None
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(step.loss)
+        optimizer.step()
+        step.scheduler.step()
+        self.log("train/loss", step.loss.detach(), prog_bar=True)
+        self.done_steps += 1
+        if self.done_steps >= self.total_steps:  # the last one: finish (stats, final state), then validate
+            self.pending = self._next_step()
+            if self.pending is None:
+                self.trainer.should_stop = True
         return None
+
+    @override
+    def on_train_end(self) -> None:
+        """Complete a run stopped early (e.g. ``fast_dev_run``) with the remaining steps outside Lightning, so
+        that the exported model is always fully quantized."""
+        if self.finished:
+            return
+        with torch.enable_grad():
+            while (step := self._next_step()) is not None:
+                apply_step(step)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     @override
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        if self.trainer.state.fn == "fit" and not getattr(self, "finished", False):
+            return  # the model is quantized only once the last stage is done: no intermediate validation
         images, targets = batch
         logits = self(images)
         self.val_acc.update(logits, targets)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from effitrain.methods.vit_ptq import (
@@ -39,7 +40,7 @@ from effitrain.methods.vit_ptq import (
 from torch import nn
 
 RECONSTRUCTIONS = ("sos", "single", "none")
-Progress = Callable[[str, int, int], None]  # (stage name, steps done in the stage, total steps of the stage)
+Progress = Callable[[str, int, int], None]  # (stage name, steps done, total steps)
 
 
 class _Stop(Exception):
@@ -117,10 +118,29 @@ def _eval_loss(unit, inputs, targets, args, kwargs, batch_size, device) -> float
     return total / len(inputs)
 
 
-def reconstruct(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, args: tuple, kwargs: dict, *,
-                iters: int, batch_size: int, lr: float, device: torch.device, generator: torch.Generator,
-                on_step: Callable[[], None] | None = None) -> None:
-    """Adam (wd 0) with cosine decay to 0 over ``iters`` steps on the unit's Linear/conv weights and biases."""
+class Step(NamedTuple):
+    """One reconstruction step handed to the caller, which runs ``apply_step`` (or its own equivalent:
+    ``loss.backward()``, ``optimizer.step()``, ``scheduler.step()``) before asking for the next one."""
+
+    stage: str
+    unit: str
+    loss: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def apply_step(step: Step) -> None:
+    step.optimizer.zero_grad(set_to_none=True)
+    step.loss.backward()
+    step.optimizer.step()
+    step.scheduler.step()
+
+
+def unit_steps(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, args: tuple, kwargs: dict, *,
+               iters: int, batch_size: int, lr: float, device: torch.device, generator: torch.Generator,
+               stage: str = "", name: str = "") -> Iterator[Step]:
+    """Adam (wd 0) with cosine decay to 0 over ``iters`` steps on the unit's Linear/conv weights and biases:
+    yields each step's loss (on a random batch of the cached pairs) for the caller to apply."""
     params = trainable_parameters(unit)
     frozen = [p for p in unit.parameters() if all(p is not q for q in params)]
     states = [p.requires_grad for p in frozen]
@@ -135,18 +155,22 @@ def reconstruct(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, ar
             idx = torch.randint(len(inputs), (batch_size,), generator=generator)
             with torch.enable_grad():
                 loss = unit_loss(unit(inputs[idx].to(device), *args, **kwargs), targets[idx].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer.step()
-            schedule.step()
-            if on_step is not None:
-                on_step()
+            yield Step(stage, name, loss, optimizer, schedule)
     finally:
         for p, state in zip(frozen, states, strict=True):
             p.requires_grad_(state)
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+
+
+def reconstruct(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, args: tuple, kwargs: dict, *,
+                iters: int, batch_size: int, lr: float, device: torch.device, generator: torch.Generator) -> None:
+    """All of :func:`unit_steps`, applied."""
+    for step in unit_steps(unit, inputs, targets, args, kwargs, iters=iters, batch_size=batch_size, lr=lr,
+                           device=device, generator=generator):
+        with torch.enable_grad():
+            apply_step(step)
 
 
 def _has_active_quantizer(unit: nn.Module, weights: bool) -> bool:
@@ -168,20 +192,38 @@ def stage_three_pairs(qmodel: nn.Module, fp_model: nn.Module, index: int, images
     return inputs, targets, args, kwargs
 
 
-def run_isvit(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, *, reconstruction: str = "sos",
-              iters: int = 1000, batch_size: int = 64, lr: float = 4e-5, init_images: int = 256,
-              device: torch.device | str = "cpu", seed: int = 0, progress: Progress | None = None) -> dict:
-    """Calibrate and reconstruct ``qmodel`` (wrapped by ``quantize_vit``) against ``fp_model`` (an untouched
-    copy of the FP model) on calibration ``images``. Returns per-stage seconds and per-unit losses.
-
-    Raises:
-        ValueError: an unknown ``reconstruction``, or fewer calibration images than ``batch_size``.
-    """
+def _check(reconstruction: str, images: torch.Tensor, batch_size: int) -> None:
     if reconstruction not in RECONSTRUCTIONS:
         raise ValueError(f"reconstruction={reconstruction!r} is not one of {RECONSTRUCTIONS}.")
     if len(images) < batch_size:
         raise ValueError(f"{len(images)} calibration images is fewer than the batch size {batch_size}: use more "
                          "images or a smaller batch.")
+
+
+def planned_steps(qmodel: nn.Module, reconstruction: str, iters: int) -> int:
+    """How many steps :func:`isvit_steps` yields: ``iters`` per unit and stage, except stage-one units with
+    nothing quantized (the patch embedding: FP weights, FP image input)."""
+    if reconstruction == "none":
+        return 0
+    units = [u for _, u in reconstruction_units(qmodel)]
+    if reconstruction == "single":
+        return iters * len(units)
+    active = sum(any(isinstance(m, AttentionQuantizers) or (getattr(m, "input_quant", None) is not None)
+                     for m in u.modules()) for u in units)
+    return iters * (active + len(units))
+
+
+def isvit_steps(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, *, reconstruction: str = "sos",
+                iters: int = 1000, batch_size: int = 64, lr: float = 4e-5, init_images: int = 256,
+                device: torch.device | str = "cpu", seed: int = 0, stats: dict | None = None) -> Iterator[Step]:
+    """The whole of I&S-ViT as a sequence of reconstruction steps (calibration, captures and stage two happen
+    between them). The caller applies each step (``apply_step``, or a Lightning optimizer step) before
+    asking for the next; ``stats`` (if given) receives per-stage seconds and per-unit losses.
+
+    Raises:
+        ValueError: an unknown ``reconstruction``, or fewer calibration images than ``batch_size``.
+    """
+    _check(reconstruction, images, batch_size)
     device = torch.device(device)
     qmodel.eval()
     fp_model.eval()
@@ -190,15 +232,15 @@ def run_isvit(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, *, r
     generator = torch.Generator().manual_seed(seed)
     units = reconstruction_units(qmodel)
     fp_units = [(name, fp_model.get_submodule(name)) for name, _ in units]  # same names, FP modules
-    stats: dict = {"seconds": {}, "units": [u for u, _ in units], "loss": {}}
+    stats = {} if stats is None else stats
+    stats.update({"seconds": {}, "units": [u for u, _ in units], "loss": {}})
     train_iters = 0 if reconstruction == "none" else iters
 
-    def stage(name: str, weights: bool, fp_inputs: bool, steps: int) -> None:
+    def stage(name: str, weights: bool, fp_inputs: bool, steps: int) -> Iterator[Step]:
         start = time.perf_counter()
         set_quant_state(qmodel, weights=weights, activations=True)
-        total, done = steps * len(units), 0
-        losses = []
-        for i, ((_, unit), (_, fp_unit)) in enumerate(zip(units, fp_units, strict=True)):
+        losses = stats["loss"].setdefault(name, [])
+        for (unit_name, unit), (_, fp_unit) in zip(units, fp_units, strict=True):
             x_fp, targets, args, kwargs = capture(fp_model, fp_unit, images, batch_size, device, output=True)
             inputs = x_fp if fp_inputs else capture(qmodel, unit, images, batch_size, device, output=False)[0]
             if weights:
@@ -209,33 +251,41 @@ def run_isvit(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, *, r
                     unit(inputs[:init_images].to(device), *args, **kwargs)
             before = _eval_loss(unit, inputs, targets, args, kwargs, batch_size, device)
             if steps and _has_active_quantizer(unit, weights):
-                def tick():
-                    nonlocal done
-                    done += 1
-                    if progress is not None:
-                        progress(name, done, total)
-                reconstruct(unit, inputs, targets, args, kwargs, iters=steps, batch_size=batch_size, lr=lr,
-                            device=device, generator=generator, on_step=tick)
-            else:
-                done += steps
-            losses.append({"unit": units[i][0], "before": before,
+                yield from unit_steps(unit, inputs, targets, args, kwargs, iters=steps, batch_size=batch_size,
+                                      lr=lr, device=device, generator=generator, stage=name, name=unit_name)
+            losses.append({"unit": unit_name, "before": before,
                            "after": _eval_loss(unit, inputs, targets, args, kwargs, batch_size, device)})
-            if progress is not None:
-                progress(name, done, total)
-        stats["loss"][name] = losses
         stats["seconds"][name] = time.perf_counter() - start
 
     if reconstruction == "sos":
-        stage("stage1", weights=False, fp_inputs=True, steps=train_iters)
+        yield from stage("stage1", weights=False, fp_inputs=True, steps=train_iters)
         start = time.perf_counter()
         reparameterize_model(qmodel)
         stats["seconds"]["stage2"] = time.perf_counter() - start
-        stage("stage3", weights=True, fp_inputs=False, steps=train_iters)
+        yield from stage("stage3", weights=True, fp_inputs=False, steps=train_iters)
     else:
-        stage("single" if reconstruction == "single" else "calibration", weights=True, fp_inputs=False,
-              steps=train_iters)
+        yield from stage("single" if reconstruction == "single" else "calibration", weights=True,
+                         fp_inputs=False, steps=train_iters)
     set_quant_state(qmodel, weights=True, activations=True)
     uncalibrated = [q for q in quantizers(qmodel) if hasattr(q, "initialized") and not bool(q.initialized)]
     if uncalibrated:
         raise RuntimeError(f"{len(uncalibrated)} quantizers were never reached during calibration.")
+
+
+def run_isvit(qmodel: nn.Module, fp_model: nn.Module, images: torch.Tensor, *, reconstruction: str = "sos",
+              iters: int = 1000, batch_size: int = 64, lr: float = 4e-5, init_images: int = 256,
+              device: torch.device | str = "cpu", seed: int = 0, progress: Progress | None = None) -> dict:
+    """Calibrate and reconstruct ``qmodel`` (wrapped by ``quantize_vit``) against ``fp_model`` (an untouched
+    copy of the FP model) on calibration ``images``: every step of :func:`isvit_steps`, applied. Returns
+    per-stage seconds and per-unit losses.
+    """
+    stats: dict = {}
+    total = planned_steps(qmodel, reconstruction, iters)
+    for done, step in enumerate(isvit_steps(qmodel, fp_model, images, reconstruction=reconstruction, iters=iters,
+                                            batch_size=batch_size, lr=lr, init_images=init_images, device=device,
+                                            seed=seed, stats=stats), start=1):
+        with torch.enable_grad():
+            apply_step(step)
+        if progress is not None:
+            progress(step.stage, done, total)
     return stats
