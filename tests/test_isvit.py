@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import timm
@@ -305,4 +304,23 @@ def test_recipe_checks_before_calibration(tmp_path):
         ISViTPTQ(model_name="resnet18")
     with pytest.raises(ValueError, match="fewer than the batch size"):
         run_isvit(quantize_vit(tiny_vit(), 4, 4), tiny_vit(), images(8), batch_size=16)
-    assert math.isfinite(1.0)
+
+
+@pytest.mark.parametrize("arch", ["vit", "illama"])
+def test_step_sequence_matches_the_plan_and_quantizes_everything(arch):
+    from effitrain.methods.isvit_sos import apply_step, isvit_steps, planned_steps
+
+    fp = tiny_vit() if arch == "vit" else tiny_illama()
+    q = quantize_vit(copy.deepcopy(fp), 4, 4, "sulq", twins=illama_twins())
+    stats: dict = {}
+    stages = []
+    for step in isvit_steps(q, fp, images(32), iters=2, batch_size=16, lr=1e-4, stats=stats):
+        with torch.enable_grad():
+            apply_step(step)
+        stages.append((step.stage, step.unit))
+    # Stage one skips the patch embedding (nothing quantized there: FP weights, FP image); stage three has all.
+    units = [n for n, _ in reconstruction_units(q)]
+    assert stages == [("stage1", u) for u in units[1:] for _ in range(2)] + [("stage3", u) for u in units for _ in range(2)]
+    assert len(stages) == planned_steps(q, "sos", 2)
+    assert all(bool(m.initialized) for m in quantizers(q) if hasattr(m, "initialized"))
+    assert set(stats["seconds"]) == {"stage1", "stage2", "stage3"}
