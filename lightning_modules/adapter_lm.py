@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from effitrain.lightning_modules.adapter import AdapterMixin, merged_state_dict
@@ -27,11 +28,6 @@ class AdapterCausalLM(AdapterMixin, CausalLM):
         super().__init__(**kwargs)
         self._init_adapter(adapter, merged_dir)
 
-    def export(self, directory: str) -> None:
-        CausalLM.export(self, directory)  # PeftModel.save_pretrained writes the adapter; plus the tokenizer
-
-    def export_merged(self, directory: str) -> None:
-        self.model.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(self.model))
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+    def save_merged(self, folder: Path) -> None:
+        self.model.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(self.model))
+        self.save_tokenizer(folder)

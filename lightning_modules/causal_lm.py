@@ -7,6 +7,7 @@ method recipes can start from it (``pretrained: artifacts/tiny_llama``).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from typing_extensions import override
 
 #: The quickstart's tiny LLaMA (5.5M parameters): widths are multiples of 128 so that group-wise
 #: quantization with g = 64 or 128 divides every Linear.
@@ -57,8 +59,8 @@ class CausalLM(TrainModule):
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  trust_remote_code: bool = False, dtype: str | None = None, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer, lr_scheduler, export_dir)
+                 export_dir: str | None = None, overwrite_export: bool = False):
+        super().__init__(optimizer, lr_scheduler, export_dir, overwrite_export)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = load_causal_lm(pretrained, config, trust_remote_code, dtype).train()  # from_pretrained gives eval()
         if gradient_checkpointing:
@@ -105,19 +107,15 @@ class CausalLM(TrainModule):
 
     test_step = validation_step
 
+    @override
     def on_fit_start(self) -> None:
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        super().on_fit_start()
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        if tokenizer is not None and self.trainer.is_global_zero and log_dir:
-            tokenizer.save_pretrained(f"{log_dir}/tokenizer")
+        if self.trainer.is_global_zero and log_dir:
+            self.save_tokenizer(f"{log_dir}/tokenizer")
 
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
-
-    def export(self, directory: str) -> None:
-        """Write the model (safetensors) and the data's tokenizer as a folder ``from_pretrained`` loads."""
-        self.model.save_pretrained(directory, safe_serialization=True)
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+    @override
+    def save_export(self, folder: Path) -> None:
+        """The model (safetensors) and the data's tokenizer, as a folder ``from_pretrained`` loads."""
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.save_tokenizer(folder)

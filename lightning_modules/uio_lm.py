@@ -31,6 +31,7 @@ from effitrain.models.memory_lm import MemoryLM, MemoryMode
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
 
 
 class UIOLM(TrainModule):
@@ -53,6 +54,8 @@ class UIOLM(TrainModule):
             encoder flush twice), or when the data's longest sequence exceeds the model's context budget.
     """
 
+    checkpoint_trainable_only = True  # the frozen base comes from `pretrained`
+
     def __init__(self, pretrained: str | None = "artifacts/tiny_llama", config: dict[str, Any] | None = None,
                  dtype: str | None = None, segment_length: int = 1024, num_memory_tokens: int = 32,
                  encoder_rank: int = 128, encoder_alpha: float = 512, transfer_rank: int = 128,
@@ -60,8 +63,8 @@ class UIOLM(TrainModule):
                  sampler: Literal["reservoir", "recency"] = "reservoir", compensate: bool = True,
                  clip_grad_norm: float | None = 1.0, eval_memory: list[MemoryMode] | None = None, seed: int = 0,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer, lr_scheduler, export_dir)
+                 export_dir: str | None = None, overwrite_export: bool = False):
+        super().__init__(optimizer, lr_scheduler, export_dir, overwrite_export)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if sampler not in ("reservoir", "recency"):
             raise ValueError(f"sampler must be 'reservoir' (UIO) or 'recency' (plain TBPTT), got {sampler!r}.")
@@ -69,7 +72,6 @@ class UIOLM(TrainModule):
         if not set(self.eval_memory) <= {"on", "zero", "off"}:
             raise ValueError(f"eval_memory entries must be 'on', 'zero' or 'off', got {self.eval_memory}.")
         self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold the trainable tensors only; the base comes from `pretrained`
         base = load_causal_lm(pretrained, config, dtype=dtype)
         self.model = MemoryLM(base, segment_length, num_memory_tokens, encoder_rank, encoder_alpha, transfer_rank,
                               transfer_alpha, lora_dropout)
@@ -92,12 +94,16 @@ class UIOLM(TrainModule):
         if longest:
             self.model.check_context(longest)
 
+    @override
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if str(self.trainer.precision).startswith("16"):
             raise ValueError("UIOLM does not support fp16 (`16-mixed`): the loss scaler would scale the encoder "
                              "flush twice. Use `precision: bf16-mixed`/`bf16-true` (as the paper) or `32-true`.")
 
+    @override
     def on_train_start(self) -> None:
+        super().on_train_start()
         self._disable_ddp_sync()
 
     def _disable_ddp_sync(self) -> None:
@@ -153,10 +159,10 @@ class UIOLM(TrainModule):
                 self.log("val/loss", loss, prog_bar=True, **kwargs)
 
     # ------------------------------------------------------------------------------- checkpoints, export
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["uio_policy"] = self._gather_policy_states()
+        super().on_save_checkpoint(checkpoint)  # trainable tensors only, identity, checksum
 
     def _gather_policy_states(self) -> list[dict[str, Any]]:
         state = self.tbptt.policy.state_dict()
@@ -165,21 +171,19 @@ class UIOLM(TrainModule):
         gathered = self.all_gather(state["rng_state"].to(self.device))  # [world, n]: every rank's generator
         return [{"rng_state": s.cpu()} for s in gathered]
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         states = checkpoint.get("uio_policy")
         if states:
             rank = self.trainer.global_rank if self._trainer is not None else 0
             self.tbptt.policy.load_state_dict(states[rank % len(states)])
 
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
-
-    def export(self, directory: str) -> None:
-        """Write the trainable tensors (LoRAs, <mem> embedding) as safetensors plus the settings that rebuild them."""
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
+    @override
+    def save_export(self, folder: Path) -> None:
+        """The trainable tensors (LoRAs, <mem> embedding) as safetensors plus the settings that rebuild them."""
+        path = Path(folder)
         save_file({k: v.contiguous() for k, v in self.model.trainable_state_dict().items()},
                   str(path / "uio_memory.safetensors"))
-        settings = {k: v for k, v in self.hparams.items() if k not in ("export_dir",)}
+        settings = {k: v for k, v in self.hparams.items() if k not in self.run_args}
         (path / "uio_config.json").write_text(json.dumps(settings, indent=2, default=str))
