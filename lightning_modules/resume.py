@@ -63,8 +63,9 @@ def _differences(saved: Any, given: Any, key: str) -> list[str]:
         if saved.get("class_path", given.get("class_path")) != given.get("class_path", saved.get("class_path")):
             return [f"{key}: {saved.get('class_path')} in the checkpoint, {given.get('class_path')} given"]
         out = []
-        for sub in saved.keys() & given.keys():
-            if sub != "class_path":
+        for sub in sorted(saved.keys() & given.keys()):
+            # inside a config object, a field left unset (None) may be filled by the library at run time
+            if sub != "class_path" and given[sub] is not None:
                 out += _differences(saved[sub], given[sub], f"{key}.{sub}")
         return out
     return [] if saved == given else [f"{key}: {saved!r} in the checkpoint, {given!r} given"]
