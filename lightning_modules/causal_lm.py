@@ -90,9 +90,11 @@ class CausalLM(TrainModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._batch_start))

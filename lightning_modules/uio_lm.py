@@ -90,9 +90,21 @@ class UIOLM(TrainModule):
     def setup(self, stage: str) -> None:
         if self.trainer.global_rank:  # independent reservoir draws per rank
             self.tbptt.policy = self._policy(self.trainer.global_rank)
-        longest = getattr(getattr(self.trainer, "datamodule", None), "max_length", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        longest = getattr(datamodule, "max_length", None)
         if longest:
             self.model.check_context(longest)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        vocab = self.model.base.get_input_embeddings().num_embeddings
+        if tokenizer is not None and not isinstance(tokenizer, str) and len(tokenizer) > vocab:
+            raise ValueError(f"The data's tokenizer has {len(tokenizer)} tokens but the base model's embedding only "
+                             f"{vocab}: give the base model's own tokenizer (`data.init_args.tokenizer: "
+                             f"{self.hparams.get('pretrained')}`).")
+        train_length = getattr(datamodule, "train_length", None) or getattr(datamodule, "seq_length", None)
+        if stage == "fit" and train_length and train_length <= self.model.segment_length:
+            raise ValueError(f"segment_length={self.model.segment_length} is not shorter than the training sequences "
+                             f"({train_length} tokens): every sequence is one segment and the memory is never used. "
+                             "Lower `model.init_args.segment_length` or raise the data's training length.")
 
     @override
     def on_fit_start(self) -> None:

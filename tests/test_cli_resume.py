@@ -208,3 +208,47 @@ def test_an_error_in_a_constructor_is_printed_once(tmp_path, capsys):
                          capsys)
     assert str(code).startswith("error: The starting model './no/such/model' does not exist")
     assert "does not exist" not in err and "Traceback" not in err  # the exit message is the only copy
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    from effitrain.datamodules.sources import load_documents
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "fine"}\n{"text": "also fine"}\n')
+    (tmp_path / "data" / "b.jsonl").write_text('{"text": "fine"}\n\n{"text": "broken\n')
+    with pytest.raises(ValueError, match=r"b\.jsonl, line 3: not valid JSON"):
+        load_documents(str(tmp_path / "data"))
+
+
+def test_malformed_parquet_names_the_file(tmp_path):
+    from effitrain.datamodules.sources import load_documents
+
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(ValueError, match=r"bad\.parquet is not a valid Parquet file"):
+        load_documents(str(tmp_path / "bad.parquet"))
+
+
+def uio_fit(tmp_path, tiny_lm_dir, **kwargs):
+    import lightning as L
+    from effitrain.datamodules.long_context import PasskeyDataModule
+    from effitrain.lightning_modules.uio_lm import UIOLM
+
+    model = dict(pretrained=str(tiny_lm_dir), segment_length=32, num_memory_tokens=4, encoder_rank=4,
+                 transfer_rank=4)
+    data = PasskeyDataModule(tokenizer=str(tiny_lm_dir), train_length=64, val_lengths=[64], min_gap=20,
+                             key_digits=1)
+    module = UIOLM(**{**model, **kwargs})
+    L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              default_root_dir=tmp_path).fit(module, datamodule=data)
+
+
+def test_uio_rejects_a_tokenizer_larger_than_the_vocabulary(tmp_path, tiny_lm_dir):
+    small = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256)
+    with pytest.raises(ValueError, match="tokenizer has 512 tokens but the base model's embedding only 300"):
+        uio_fit(tmp_path, tiny_lm_dir, pretrained=None, config=small)
+
+
+def test_uio_rejects_a_segment_as_long_as_the_training_sequences(tmp_path, tiny_lm_dir):
+    with pytest.raises(ValueError, match="segment_length=64 is not shorter than the training sequences"):
+        uio_fit(tmp_path, tiny_lm_dir, segment_length=64)
