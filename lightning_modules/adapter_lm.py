@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 from effitrain.lightning_modules.adapter import AdapterMixin, merged_state_dict
@@ -32,16 +33,9 @@ class AdapterCausalLM(AdapterMixin, CausalLM):
             adapter.task_type = "CAUSAL_LM"
         self._init_adapter(adapter, merged_dir)
 
-    def export(self, directory: str) -> None:
-        AdapterMixin.export(self, directory)  # the adapter (for MoSLoRA: the plain-LoRA fold and the native form)
-        tokenizer = self.data_tokenizer()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-
-    def export_merged(self, directory: str) -> None:
+    def save_merged(self, folder: Path) -> None:
         tokenizer = self.data_tokenizer()
         if tokenizer is not None:
             align_with_tokenizer(self.model.get_base_model(), tokenizer)
-        self.model.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(self.model))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        self.model.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(self.model))
+        self.save_tokenizer(folder)

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from effitrain.lightning_modules.config_files import CONFIG_ROOT
+from effitrain.lightning_modules.integrity import verify_folder
 
 _EXPORT_DIR = re.compile(r"export_dir:\s*['\"]?([^\s'\"#]+)")
 _ARTIFACT = re.compile(r"['\"]?(artifacts/[\w./-]+)")
@@ -29,8 +30,10 @@ def producing_configs(path: str) -> list[str]:
 
 
 def require_local_model(path: str, what: str = "starting model") -> None:
-    """Fail with the command that makes ``path`` when a local model folder is missing."""
+    """Fail with the command that makes ``path`` when a local model folder is missing, or naming the damaged
+    file when its content differs from the checksums recorded at export (``effitrain_run.json``)."""
     if Path(path).expanduser().exists():
+        verify_folder(path)
         return
     makers = producing_configs(path)
     hint = (f"Make it first: `effitrain fit --config {makers[0]}` (in a checkout: `python train.py fit --config "

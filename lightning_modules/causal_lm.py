@@ -9,6 +9,7 @@ model's context, so that ``generate()`` and ``pipeline("text-generation")`` stop
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,8 +91,8 @@ class CausalLM(TrainModule):
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  trust_remote_code: bool = False, dtype: str | None = None, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer, lr_scheduler, export_dir)
+                 export_dir: str | None = None, overwrite_export: bool = False):
+        super().__init__(optimizer, lr_scheduler, export_dir, overwrite_export)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = self.load_model(pretrained, config, trust_remote_code, dtype).train()  # from_pretrained gives eval()
         if gradient_checkpointing:
@@ -133,9 +134,11 @@ class CausalLM(TrainModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._batch_start))
@@ -150,26 +153,19 @@ class CausalLM(TrainModule):
 
     test_step = validation_step
 
+    @override
     def on_fit_start(self) -> None:
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        super().on_fit_start()
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        if tokenizer is not None and self.trainer.is_global_zero and log_dir:
-            tokenizer.save_pretrained(f"{log_dir}/tokenizer")
+        if self.trainer.is_global_zero and log_dir:
+            self.save_tokenizer(f"{log_dir}/tokenizer")
 
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
-
-    def export(self, directory: str) -> None:
-        """Write the model (safetensors) and the data's tokenizer as a folder ``from_pretrained`` loads."""
+    @override
+    def save_export(self, folder: Path) -> None:
+        """The model (safetensors) and the data's tokenizer, as a folder ``from_pretrained`` loads, with the
+        model's BOS/EOS/pad ids and the tokenizer's context aligned (:func:`align_with_tokenizer`)."""
         tokenizer = self.data_tokenizer()
         if tokenizer is not None:
             align_with_tokenizer(self.model, tokenizer)
-        self.model.save_pretrained(directory, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-
-    def data_tokenizer(self) -> PreTrainedTokenizerBase | None:
-        """The data's tokenizer, if the recipe runs under a trainer with a datamodule that has one."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        return getattr(datamodule, "tokenizer", None)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.save_tokenizer(folder)

@@ -12,6 +12,7 @@ gradient clipping 0.3, one epoch of 4096 x 4096-token RedPajama samples.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from effitrain.lightning_modules.causal_lm import CausalLM
 from effitrain.methods.gptq_format import load_quantized, save_quantized
 from effitrain.methods.quantization import QuantLinear
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from typing_extensions import override
 
 
 def adamw_e2e(params) -> torch.optim.Optimizer:
@@ -43,10 +45,10 @@ class EfficientQATE2EQP(CausalLM):
 
     def __init__(self, pretrained: str, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw_e2e, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None):
+                 export_dir: str | None = None, overwrite_export: bool = False):
         require_local_model(pretrained, "packed Block-AP model")
         super().__init__(pretrained=pretrained, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
-                         lr_scheduler=lr_scheduler, export_dir=export_dir)
+                         lr_scheduler=lr_scheduler, export_dir=export_dir, overwrite_export=overwrite_export)
         self.model.requires_grad_(False)
         self.quant_layers = [m for m in self.model.modules() if isinstance(m, QuantLinear)]
         if not self.quant_layers:
@@ -64,14 +66,15 @@ class EfficientQATE2EQP(CausalLM):
     def param_groups(self) -> list[torch.nn.Parameter]:
         return [layer.scales for layer in self.quant_layers]
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         for key, value in checkpoint["state_dict"].items():  # scales were trained in fp32
             if key.endswith(".scales"):
                 checkpoint["state_dict"][key] = value.float()
 
-    def export(self, directory: str) -> None:
+    @override
+    def save_export(self, folder: Path) -> None:
         """The packed model with fp16 scales (``save_quantized``) and the data's tokenizer."""
-        save_quantized(self.model, directory, self.bits, self.group_size)
-        tokenizer = self.data_tokenizer()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        save_quantized(self.model, folder, self.bits, self.group_size)
+        self.save_tokenizer(folder)

@@ -7,6 +7,7 @@ created by name like timm's own. EMA is Lightning's ``EMAWeightAveraging`` callb
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import effitrain.models  # noqa: F401  (registers this project's architectures with timm)
@@ -57,8 +58,8 @@ class ImageClassifier(TrainModule):
                  pretrained: str | None = None, num_classes: int = 10, mixup: float = 0.0, cutmix: float = 0.0,
                  label_smoothing: float = 0.0, weight_decay_1d: bool = False,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer, lr_scheduler, export_dir)
+                 export_dir: str | None = None, overwrite_export: bool = False):
+        super().__init__(optimizer, lr_scheduler, export_dir, overwrite_export)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = create_timm_model(model_name, num_classes, pretrained, **(model_kwargs or {}))
         self.num_classes, self.label_smoothing, self.weight_decay_1d = num_classes, label_smoothing, weight_decay_1d
@@ -115,14 +116,11 @@ class ImageClassifier(TrainModule):
 
     test_step = validation_step
 
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
-
-    def export(self, directory: str) -> None:
+    @override
+    def save_export(self, folder: Path) -> None:
         """A timm ``save_for_hf`` folder (``config.json`` + ``model.safetensors``): ``pretrained: <folder>``
         here, or ``timm.create_model("local-dir:<folder>", pretrained=True)`` anywhere."""
         from timm.models import save_for_hf
 
-        save_for_hf(self.model, directory, model_args=dict(self.hparams.get("model_kwargs") or {}),
+        save_for_hf(self.model, folder, model_args=dict(self.hparams.get("model_kwargs") or {}),
                     safe_serialization=True)
