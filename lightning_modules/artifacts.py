@@ -36,3 +36,16 @@ class MissingArtifactError(FileNotFoundError):
 def is_local_reference(name: str) -> bool:
     """Whether ``name`` is meant as a local path rather than a hub id."""
     return name.startswith((".", "/", "~", "artifacts/", "runs/")) or Path(name).expanduser().exists()
+
+
+def consuming_configs(path: str) -> list[Path]:
+    """The packaged recipes that start from ``path`` (mention it outside ``export_dir`` and comments)."""
+    from effitrain.lightning_modules.config_files import packaged_recipes
+
+    wanted = re.compile(rf"(?<![\w./-]){re.escape(Path(path).as_posix().rstrip('/'))}/?(?![\w./-])")
+    found = []
+    for config in packaged_recipes():
+        lines = (line.split("#", 1)[0] for line in config.read_text().splitlines())
+        if any(wanted.search(line) and "export_dir:" not in line for line in lines):
+            found.append(config)
+    return found

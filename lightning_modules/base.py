@@ -28,6 +28,14 @@ class TrainModule(L.LightningModule):
         super().__init__()
         self.optimizer_factory, self.scheduler_factory, self.export_dir = optimizer, lr_scheduler, export_dir
 
+    #: What ``export_dir`` holds, as the run summary names it (``model``, ``adapter``, ``packed``, ...).
+    export_kind = "model"
+
+    def written_outputs(self) -> dict[str, str]:
+        """The folders this recipe writes at the end of ``fit``, by kind; the run summary (``RunSummary``)
+        lists those that exist after ``fit`` with their sizes. Override to add more (e.g. a merged model)."""
+        return {self.export_kind: self.export_dir} if self.export_dir else {}
+
     def param_groups(self) -> list[dict] | list[torch.nn.Parameter]:
         """The optimizer's parameter groups; override to build your own (e.g. no decay on 1-D tensors)."""
         params = [p for p in self.parameters() if p.requires_grad]

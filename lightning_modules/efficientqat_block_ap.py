@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from effitrain.callbacks.progress import stage_progress
 from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.causal_lm import load_causal_lm
 from effitrain.methods.block_ap import (
@@ -72,6 +73,8 @@ class EfficientQATBlockAP(TrainModule):
         optimizer: called with the two parameter groups of each block (default AdamW, weight decay 0).
         export_dir: where the packed model is written.
     """
+
+    export_kind = "packed"  # the run summary's name for export_dir
 
     def __init__(self, pretrained: str, bits: int = 2, group_size: int = 64, epochs_per_block: int = 2,
                  quant_lr: float = 1e-4, weight_lr: float | None = None, min_lr_factor: float = 20.0,
@@ -149,7 +152,7 @@ class EfficientQATBlockAP(TrainModule):
         self.quant_cache = ActivationCache(n, seq_len, hidden, self.cache_dtype, paths[1])
 
         def calibration():
-            for i, batch in enumerate(loader):
+            for i, batch in enumerate(stage_progress(loader, "Block-AP calibration", total=batches, trainer=self.trainer)):
                 if i == batches:
                     return
                 yield batch["input_ids"]

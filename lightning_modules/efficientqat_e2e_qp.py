@@ -38,6 +38,8 @@ class EfficientQATE2EQP(CausalLM):
         export_dir: where the packed model with the trained scales is written.
     """
 
+    export_kind = "packed"  # the run summary's name for export_dir
+
     def __init__(self, pretrained: str, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw_e2e, lr_scheduler: LRSchedulerCallable | None = None,
                  export_dir: str | None = None):
