@@ -50,6 +50,14 @@ def human_size(nbytes: int) -> str:
     return ""
 
 
+def _short(path: str) -> str:
+    """``path`` relative to the working directory when it is below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _scalars(metrics: dict[str, Any], prefix: str = "val") -> dict[str, float]:
     out = {}
     for name, value in metrics.items():
@@ -128,7 +136,7 @@ class RunSummary(Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             self.summary["summary_file"] = str(path)
             path.write_text(json.dumps(self.summary, indent=2) + "\n")
-        get_console().print(self.render(self.summary), highlight=False)
+        get_console().print(self.render(self.summary), highlight=False, soft_wrap=True)
 
     def build(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         """The summary as JSON data (the fields of ``summary.json``)."""
@@ -147,7 +155,7 @@ class RunSummary(Callback):
         for kind, ckpt in (("best checkpoint", getattr(checkpoint, "best_model_path", "")),
                            ("last checkpoint", getattr(checkpoint, "last_model_path", ""))):
             if ckpt and Path(ckpt).exists() and ckpt not in (o["path"] for o in outputs):
-                outputs.append({"kind": kind, "path": str(ckpt), "bytes": folder_size(Path(ckpt))})
+                outputs.append({"kind": kind, "path": _short(ckpt), "bytes": folder_size(Path(ckpt))})
         return {
             "recipe": type(pl_module).__name__,
             "run_dir": str(trainer.default_root_dir),

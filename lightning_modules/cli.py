@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torchmetrics import Metric
 from typing_extensions import override
 
 FORCED_CALLBACKS = {
@@ -101,6 +102,11 @@ class EffitrainCLI(LightningCLI):
                 and self.trainer.limit_val_batches != 0 and is_overridden("validation_step", self.model)):
             rank_zero_info("Validating the starting model, for the run summary (summary.baseline: false skips it)")
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            # validate ran under inference mode: metric states reset there are inference tensors, which the
+            # training-time validation could not update in place
+            for module in self.model.modules():
+                if isinstance(module, Metric):
+                    module.reset()
 
 
 def next_commands(model: L.LightningModule) -> list[str]:

@@ -30,10 +30,16 @@ KNOWN_HARMLESS_WARNINGS = (
     KnownMessage(r"Starting from v1\.9\.0, `tensorboardX` has been removed", r"lightning\.",
                  "Lightning says it logs to CSV when TensorBoard is absent: the README says this and how to "
                  "install TensorBoard (pip install -e .[tensorboard])."),
+    KnownMessage(r"`loftq_config` specified but will be ignored", r"peft\.",
+                 "jsonargparse builds peft's config dataclasses with every field given, loftq_config as an "
+                 "empty default; peft then warns although LoftQ is not asked for (init_lora_weights decides)."),
+    KnownMessage(r"`is_gradient_checkpointing` is deprecated", r"transformers\.",
+                 "peft reads transformers' old property name when it wraps a model; nothing changes in training."),
 )
 
-#: Lightning's rank-zero INFO lines that advertise other products, not about this run.
-KNOWN_ADVERTISEMENTS = (r"💡 Tip: For seamless cloud",)
+#: Lightning's rank-zero INFO lines that are not about this run: product tips, and the note that our forced
+#: ``model_summary`` section replaces Lightning's default summary (which is what it is for).
+KNOWN_ADVERTISEMENTS = (r"💡 Tip: For seamless cloud", r"Trainer already configured with model summary callbacks")
 
 
 class _DropAdvertisements(logging.Filter):
