@@ -150,7 +150,8 @@ class StageProgress:
         self._start = self._last = time.monotonic()
         if not self.enabled:
             return self
-        if self._live is None and not get_console().is_terminal:  # a file or a pipe: status lines
+        if not get_console().is_terminal:  # a file or a pipe, where a live bar shows nothing: status lines
+            self._live = None
             rank_zero_info(f"{self.description}: started ({self.total if self.total is not None else '?'} to do)")
             return self
         if self._live is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import io
 import json
 import os
 import re
@@ -69,6 +70,16 @@ def test_stage_progress_logs_when_not_a_terminal(caplog):
             for _ in range(3):
                 progress.advance(note="best 0.9")
     assert "Calibration: 5/5 done" in caplog.text and "Search: 3/3 done" in caplog.text and progress.done == 3
+
+
+def test_stage_progress_draws_a_bar_on_a_terminal(monkeypatch):
+    import effitrain.callbacks.progress as progress_module
+    from rich.console import Console
+
+    screen = io.StringIO()
+    monkeypatch.setattr(progress_module, "get_console", lambda: Console(file=screen, force_terminal=True, width=100))
+    assert sum(stage_progress(iter(range(4)), "Block-AP calibration", total=4)) == 6
+    assert re.search(r"Block-AP calibration.*4/4", screen.getvalue())
 
 
 def test_known_dependency_warnings_are_filtered_and_ours_are_not():
