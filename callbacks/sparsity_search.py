@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from effitrain.callbacks.progress import StageProgress
 from effitrain.callbacks.strategy_checks import refuse_sharded
 from effitrain.methods.sparsity import calibrated_accuracy, evolutionary_search, layer_sparsities, sparsify
 from lightning.pytorch.utilities import rank_zero_info
@@ -122,10 +123,14 @@ class SparsitySearch(L.Callback):
 
         start = time.perf_counter()
         cuda = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):  # the fitness noise leaves the training RNG untouched
+        with torch.random.fork_rng(devices=cuda), \
+                StageProgress("SparsitySearch generations", total=generations, trainer=trainer) as progress:
+            # the fork keeps the fitness noise out of the training RNG
+            def log(message: str) -> None:
+                progress.advance(note=message.split(": ", 1)[-1])
+
             found = evolutionary_search(numels, fitness, self.target, self.delta, population, generations,
-                                        min(self.num_parents, population), self.mutation_prob, self.seed,
-                                        log=rank_zero_info)
+                                        min(self.num_parents, population), self.mutation_prob, self.seed, log=log)
         net.train(was_training)
         rank_zero_info(f"SparsitySearch: {found.evaluations} candidates in {time.perf_counter() - start:.1f}s, "
                        f"best calibration top-1 {found.fitness:.4f}")

@@ -126,11 +126,23 @@ class InstructionDataModule(L.LightningDataModule):
         if not records:
             raise ValueError(f"The instruction dataset {self.source!r} is empty.")
         train, val = split_documents(records, self.val_fraction, self.seed)
+        self.val_records = val
         self.train_set = InstructionDataset(train, self.tokenizer, self.max_length, self.train_on_inputs)
         self.val_set = InstructionDataset(val, self.tokenizer, self.max_length, self.train_on_inputs)
         if len(self.train_set) == 0:
             raise ValueError(f"No example of {self.source!r} keeps a response token within max_length="
                              f"{self.max_length}: raise `max_length`.")
+
+    @property
+    def task_metric(self) -> str:
+        """How generated answers are scored: exact match on the built-in arithmetic, ROUGE-L on free text."""
+        return "exact_match" if self.source == "builtin:arithmetic" else "rougeL"
+
+    def generation_examples(self, n: int) -> list[tuple[str, str]]:
+        """The first ``n`` held-out (prompt, reference response) pairs: a fixed set for task metrics."""
+        if self.tokenizer is None:
+            self.setup("validate")
+        return [format_prompt(record) for record in self.val_records[:n]]
 
     def train_dataloader(self) -> StatefulDataLoader:
         return StatefulDataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,

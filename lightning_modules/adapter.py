@@ -94,6 +94,11 @@ class AdapterMixin:
 
     model: PeftModel
     checkpoint_trainable_only = True  # the frozen base is rebuilt from `pretrained` at resume
+    export_kind = "adapter"
+
+    def written_outputs(self) -> dict[str, str]:
+        outputs = super().written_outputs()  # the adapter folder (export_dir)
+        return {**outputs, "merged": self.merged_dir} if self.merged_dir else outputs
 
     def _init_adapter(self, adapter: PeftConfig, merged_dir: str | None) -> None:
         self.model = attach_adapter(self.model, adapter)

@@ -49,3 +49,16 @@ class MissingArtifactError(FileNotFoundError):
 def is_local_reference(name: str) -> bool:
     """Whether ``name`` is meant as a local path rather than a hub id."""
     return name.startswith((".", "/", "~", "artifacts/", "runs/")) or Path(name).expanduser().exists()
+
+
+def consuming_configs(path: str) -> list[Path]:
+    """The packaged recipes that start from ``path`` (mention it outside comments and ``*_dir:`` outputs)."""
+    from effitrain.lightning_modules.config_files import packaged_recipes
+
+    wanted = re.compile(rf"(?<![\w./-]){re.escape(Path(path).as_posix().rstrip('/'))}/?(?![\w./-])")
+    found = []
+    for config in packaged_recipes():
+        lines = (line.split("#", 1)[0] for line in config.read_text().splitlines())
+        if any(wanted.search(line) and not re.search(r"\w_dir:", line) for line in lines):
+            found.append(config)
+    return found

@@ -109,6 +109,14 @@ class TrainModule(L.LightningModule):
                     "fit ends at once and exports).")
             shard(self, self.shard_blocks(), self.device_mesh)
 
+    #: What ``export_dir`` holds, as the run summary names it (``model``, ``adapter``, ``packed``, ...).
+    export_kind = "model"
+
+    def written_outputs(self) -> dict[str, str]:
+        """The folders this recipe writes at the end of ``fit``, by kind; the run summary (``RunSummary``)
+        lists those that exist after ``fit`` with their sizes. Override to add more (e.g. a merged model)."""
+        return {self.export_kind: self.export_dir} if self.export_dir else {}
+
     def param_groups(self) -> list[dict] | list[tuple[str, torch.nn.Parameter]]:
         """The optimizer's parameter groups, named (``(name, parameter)``, so that an optimizer with per-name
         rules, e.g. MoFO's dense norms, has them under any strategy); override to build your own."""

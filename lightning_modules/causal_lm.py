@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from effitrain.lightning_modules.artifacts import is_local_reference, require_local_model
 from effitrain.lightning_modules.base import TrainModule, adamw
+from effitrain.methods.task_metrics import generation_scores
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
@@ -86,12 +87,17 @@ class CausalLM(TrainModule):
         trust_remote_code: passed to transformers; off unless a config turns it on.
         dtype: load dtype for ``pretrained`` (e.g. ``bfloat16``); ``None`` keeps the checkpoint's default.
         gradient_checkpointing: trade compute for activation memory on large models.
+        task_eval_size: with instruction data (a datamodule with ``generation_examples``), answer this many
+            fixed held-out prompts greedily at every validation and log the data's task metric
+            (``val/exact_match`` on the built-in arithmetic, ``val/rougeL`` on free text); 0 turns it off.
+        task_max_new_tokens: the longest generated answer.
     """
 
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  trust_remote_code: bool = False, dtype: str | None = None, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None, overwrite_export: bool = False):
+                 export_dir: str | None = None, overwrite_export: bool = False, task_eval_size: int = 32,
+                 task_max_new_tokens: int = 24):
         super().__init__(optimizer, lr_scheduler, export_dir, overwrite_export)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = self.load_model(pretrained, config, trust_remote_code, dtype).train()  # from_pretrained gives eval()
@@ -100,6 +106,10 @@ class CausalLM(TrainModule):
         self.val_ppl = Perplexity(ignore_index=-100)
         self.val_loss = MeanMetric()
         self._batch_start = None
+        if task_eval_size < 0 or task_max_new_tokens < 1:
+            raise ValueError(f"task_eval_size must be >= 0 and task_max_new_tokens >= 1, got {task_eval_size} "
+                             f"and {task_max_new_tokens}.")
+        self.task_eval_size, self.task_max_new_tokens = task_eval_size, task_max_new_tokens
 
     def load_model(self, pretrained: str | None, config: dict[str, Any] | None, trust_remote_code: bool,
                    dtype: str | None) -> PreTrainedModel:
@@ -152,6 +162,18 @@ class CausalLM(TrainModule):
         self.log("val/ppl", self.val_ppl, prog_bar=True)
 
     test_step = validation_step
+
+    def on_validation_epoch_end(self) -> None:
+        """The task metric on the fixed held-out prompts (every rank computes the same greedy answers)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        size = getattr(self, "task_eval_size", 0)  # 0 for subclasses that skip CausalLM.__init__
+        if self.trainer.sanity_checking or not size or not hasattr(datamodule, "generation_examples"):
+            return
+        examples = datamodule.generation_examples(size)
+        prompts, references = [p for p, _ in examples], [r for _, r in examples]
+        scores = generation_scores(self.model, datamodule.tokenizer, prompts, references, datamodule.task_metric,
+                                   self.task_max_new_tokens)
+        self.log_dict({f"val/{name}": value for name, value in scores.items()}, prog_bar=True)
 
     @override
     def on_fit_start(self) -> None:

@@ -2,39 +2,59 @@
 
 A ``LightningCLI`` in subclass mode for model and data. The packaged ``trainer/default.yaml`` is loaded
 before any ``--config``; a ``--config`` is a path or the name of a packaged recipe. The common callbacks are
-forced sections (``checkpoint``, ``progress_bar``, ``lr_monitor``, ``finite_loss``), so a recipe's
-``trainer.callbacks`` list, which replaces earlier lists, cannot drop them; the standard Trainer flags
-(``enable_progress_bar``, ``enable_checkpointing``, ``logger``) still switch theirs off.
+forced sections (``checkpoint``, ``progress_bar``, ``model_summary``, ``lr_monitor``, ``finite_loss``,
+``summary``), so a recipe's ``trainer.callbacks`` list, which replaces earlier lists, cannot drop them; the
+standard Trainer flags (``enable_progress_bar``, ``enable_checkpointing``, ``enable_model_summary``, ``logger``)
+still switch theirs off. ``effitrain recipes`` lists the packaged recipes (also shown by ``fit --help``).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
+import pkgutil
 import sys
-import warnings
 from typing import NoReturn
 
 import lightning as L
 import yaml
 from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
 from effitrain.callbacks.last_checkpoint import LastCheckpoint
+from effitrain.callbacks.model_summary import RunModelSummary
+from effitrain.callbacks.progress import StepProgressBar
+from effitrain.callbacks.run_summary import RunSummary
+from effitrain.lightning_modules.artifacts import consuming_configs
 from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.config_files import (
     DEFAULT_TRAINER_CONFIG,
+    format_recipe_catalog,
+    recipe_name,
     resolve_config_args,
 )
+from effitrain.lightning_modules.console import quiet_known_warnings
 from effitrain.lightning_modules.resume import check_same_recipe, load_checkpoint, resolve_ckpt_path
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from jsonargparse import DefaultHelpFormatter
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torchmetrics import Metric
 from typing_extensions import override
 
 FORCED_CALLBACKS = {
     "checkpoint": ModelCheckpoint,
     "last_checkpoint": LastCheckpoint,
-    "progress_bar": RichProgressBar,
+    "progress_bar": StepProgressBar,
+    "model_summary": RunModelSummary,
     "lr_monitor": LearningRateMonitor,
     "finite_loss": FiniteLossGuard,
+    "summary": RunSummary,  # after progress_bar: the bar is stopped before the summary prints
 }
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the recipe list (the epilog) kept as written."""
 
 
 def _switched_off(trainer: dict) -> set[str]:
@@ -44,6 +64,8 @@ def _switched_off(trainer: dict) -> set[str]:
         off.add("progress_bar")
     if trainer.get("enable_checkpointing") is False:
         off |= {"checkpoint", "last_checkpoint"}
+    if trainer.get("enable_model_summary") is False:
+        off.add("model_summary")
     if trainer.get("logger") is False:  # LearningRateMonitor needs a logger
         off.add("lr_monitor")
     return off
@@ -116,21 +138,62 @@ class EffitrainCLI(LightningCLI):
         # config-saving callback to the trainer's own list.
         return self._instantiate_trainer(trainer_config, forced)
 
+    def before_fit(self) -> None:
+        """Give the run summary the next commands, and validate the starting model when it asks for it."""
+        summary = next((cb for cb in self.trainer.callbacks if isinstance(cb, RunSummary)), None)
+        if summary is None:
+            return
+        if not summary.next_commands:
+            summary.next_commands = next_commands(self.model)
+        resuming = self.config_init[self.subcommand].get("ckpt_path") is not None  # the baseline is in it
+        if (summary.baseline and summary.baseline_metrics is None and not resuming
+                and self.trainer.limit_val_batches != 0 and is_overridden("validation_step", self.model)):
+            rank_zero_info("Validating the starting model, for the run summary (summary.baseline: false skips it)")
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+            # validate ran under inference mode: metric states reset there are inference tensors, which the
+            # training-time validation could not update in place
+            for module in self.model.modules():
+                if isinstance(module, Metric):
+                    module.reset()
+
+
+def next_commands(model: L.LightningModule) -> list[str]:
+    """``effitrain fit`` commands of the CPU recipes that start from what ``model`` writes."""
+    outputs = model.written_outputs() if hasattr(model, "written_outputs") else {}
+    commands = []
+    for folder in outputs.values():
+        for config in consuming_configs(folder) if folder else []:
+            command = f"effitrain fit --config {recipe_name(config)}"
+            if "full" not in config.parts and command not in commands:
+                commands.append(command)
+    return commands
+
+
+def import_recipe_classes() -> None:
+    """Import every recipe and data module, so that ``--model NAME`` / ``--model.help NAME`` take short names."""
+    import effitrain.datamodules
+    import effitrain.lightning_modules
+
+    for package in (effitrain.lightning_modules, effitrain.datamodules):
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> EffitrainCLI:
-    """The CLI object (tests and notebooks use this; the console script uses :func:`main`).
-
-    ``args`` default to the command line (``sys.argv[1:]``), with each ``--config`` name resolved.
-    """
-    if args is None:  # resolved in place: LightningCLI warns when given `args` beside a command line
+    """The CLI object (tests and notebooks use this; the console script uses :func:`main`)."""
+    quiet_known_warnings()
+    import_recipe_classes()
+    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     else:
         args = resolve_config_args(list(args))
+    catalog = format_recipe_catalog()
     return EffitrainCLI(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         save_config_kwargs={"overwrite": True}, parser_class=EffitrainParser,
-        parser_kwargs={cmd: {"default_config_files": [str(DEFAULT_TRAINER_CONFIG)]}
-                       for cmd in ("fit", "validate", "test", "predict")},
+        parser_kwargs={"formatter_class": _HelpFormatter,  # subcommand parsers take the main parser's
+                       **{cmd: {"default_config_files": [str(DEFAULT_TRAINER_CONFIG)], "epilog": catalog}
+                          for cmd in ("fit", "validate", "test", "predict")}},
         args=args, run=run,
     )
 
@@ -141,8 +204,14 @@ USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, Floatin
 
 def main(args: list[str] | None = None) -> None:
     """The ``effitrain`` console script: exit status 0 on success; a bad input or a failed run ends with one
-    message (printed once, with no traceback)."""
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # args is sys.argv
+    message (printed once, with no traceback).
+
+    ``effitrain recipes`` lists the packaged recipes; every other command goes to the LightningCLI.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] in (["recipes"], ["list"]):
+        print(format_recipe_catalog())
+        return
     try:
         build_cli(args)
     except USER_ERRORS as err:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from effitrain.callbacks.progress import stage_progress
 from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.causal_lm import load_causal_lm
 from effitrain.lightning_modules.schedules import WarmupCosine
@@ -73,6 +74,7 @@ class EfficientQATBlockAP(TrainModule):
         "Block-AP trains one decoder block at a time with its own optimizer swapped into the strategy and keeps "
         "the block inputs in memory; a sharded root would all-gather the whole model for every block. It needs "
         "one block and its calibration activations on one device: run it on a single device.")
+    export_kind = "packed"  # the run summary's name for export_dir
 
     def __init__(self, pretrained: str, bits: int = 2, group_size: int = 64, epochs_per_block: int = 2,
                  quant_lr: float = 1e-4, weight_lr: float | None = None, min_lr_factor: float = 20.0,
@@ -154,7 +156,7 @@ class EfficientQATBlockAP(TrainModule):
         self.quant_cache = ActivationCache(n, seq_len, hidden, self.cache_dtype, paths[1])
 
         def calibration():
-            for i, batch in enumerate(loader):
+            for i, batch in enumerate(stage_progress(loader, "Block-AP calibration", total=batches, trainer=self.trainer)):
                 if i == batches:
                     return
                 yield batch["input_ids"]

@@ -42,6 +42,7 @@ class EfficientQATE2EQP(CausalLM):
         "the packed model's integer codes and zero points are buffers, which FSDP2 does not shard (every rank "
         "would still hold the whole packed model), and the trainable step sizes are 1/group_size of the weights; "
         "a 2-bit 7B model fits one GPU: use DDP (configs/trainer/ddp.yaml) for data parallelism.")
+    export_kind = "packed"  # the run summary's name for export_dir
 
     def __init__(self, pretrained: str, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw_e2e, lr_scheduler: LRSchedulerCallable | None = None,

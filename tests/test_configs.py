@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
+from effitrain.callbacks.model_summary import RunModelSummary
+from effitrain.callbacks.progress import StepProgressBar
+from effitrain.callbacks.run_summary import RunSummary
 from effitrain.lightning_modules.artifacts import consumed_artifacts, exported_paths
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 CONFIGS = REPO / "configs"
 FRAGMENTS = sorted(p for d in ("trainer", "data", "callbacks") for p in (CONFIGS / d).glob("*.yaml"))
@@ -92,7 +95,9 @@ def test_recipe_runs_one_step(config: Path, workspace: Path):
     losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k}
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
     # The common callbacks are forced by the CLI: no recipe can drop them.
-    for kind in (ModelCheckpoint, RichProgressBar, LearningRateMonitor, FiniteLossGuard):
+    for kind in (ModelCheckpoint, StepProgressBar, RunModelSummary, LearningRateMonitor, FiniteLossGuard, RunSummary):
         assert any(isinstance(cb, kind) for cb in trainer.callbacks), f"{rel(config)} lost {kind.__name__}"
+    summary = next(cb for cb in trainer.callbacks if isinstance(cb, RunSummary)).summary
+    assert summary["steps"] == trainer.global_step and (workspace / "runs/test/summary.json").is_file()
     for path in produces(config):
         assert (workspace / path).is_dir(), f"{rel(config)} did not write {path}"
