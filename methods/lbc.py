@@ -51,6 +51,29 @@ def alive_count(t: float, t_i: float, t_f: float, candidates: int, exponent: flo
     return 1 + math.ceil((candidates - 1) * left**exponent)
 
 
+class _LBCMaskedWeight(torch.autograd.Function):
+    """W ↦ W⊙m, m = [(α⊙alive)T ≠ 0]; backward: g⊙m to W and (to_groups(g⊙W) Tᵀ)⊙alive to α (the
+    straight-through ∂m/∂s = 1), written out so that no intermediate of the STE is kept."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, alpha: Tensor, owner: LearnableNMMask) -> Tensor:  # type: ignore[override]
+        keep = from_groups(owner.scores() != 0, weight.shape)
+        ctx.owner = owner
+        ctx.save_for_backward(weight, keep)
+        return weight * keep
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        weight, keep = ctx.saved_tensors
+        owner = ctx.owner
+        grad_weight = grad * keep if ctx.needs_input_grad[0] else None
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            per_weight = to_groups(grad * weight, owner.m).to(owner.alpha.dtype)  # g_j·W_j, [G, M]
+            grad_alpha = (per_weight @ owner.table.T).mul_(owner.alive)
+        return grad_weight, grad_alpha, None
+
+
 class LearnableNMMask(WeightMask):
     """Parametrization of a layer's weight with LBC's learnable N:M combinations.
 
@@ -76,10 +99,7 @@ class LearnableNMMask(WeightMask):
         return (self.alpha * self.alive) @ self.table
 
     def forward(self, weight: Tensor) -> Tensor:
-        s = self.scores()
-        hard = (s != 0).to(s.dtype)
-        m = hard + (s - s.detach())  # value [s ≠ 0], gradient identity (straight-through)
-        return weight * from_groups(m, weight.shape).to(weight.dtype)
+        return _LBCMaskedWeight.apply(weight, self.alpha, self)
 
     @torch.no_grad()
     def mask(self, weight: Tensor | None = None) -> Tensor:
