@@ -114,8 +114,7 @@ def dsnot(
     else:
         m = pattern[1]
         to_groups(weight, m)  # a width M does not divide fails here
-        metric.masked_fill_(~keep, torch.inf)  # pruned weights are never the partner
-        used = metric[keep].max() + 1 if keep.any() else torch.tensor(0.0)
+        metric.masked_fill_(~keep, torch.inf)  # pruned (and regrown) weights are never the partner
 
     active = torch.ones(rows, dtype=torch.bool, device=weight.device)
     swaps = torch.zeros(rows, dtype=torch.long, device=weight.device)
@@ -137,7 +136,9 @@ def dsnot(
             start = grow_idx - grow_idx % m
             block = start.unsqueeze(1) + torch.arange(m, device=weight.device)
             prune_idx = start + metric.gather(1, block).argmin(1)
-            metric[arange, prune_idx] = used  # chosen once, whether the swap happens or not
+            # a block whose kept weights were all regrown has no partner left: the row stops (the official
+            # code would prune an already pruned weight there, and the block would keep N + 1)
+            active &= torch.isfinite(metric[arange, prune_idx])
         grown, pruned = contribution[arange, grow_idx], contribution[arange, prune_idx]
         after = gap + pruned - grown
         active &= gap.abs() > update_threshold
@@ -146,6 +147,8 @@ def dsnot(
         rows_on = arange[active]
         keep[rows_on, prune_idx[active]] = False
         keep[rows_on, grow_idx[active]] = True
+        if pattern is not None:
+            metric[rows_on, prune_idx[active]] = torch.inf
         gap = torch.where(active, after, gap)
         swaps += active.long()
     return DSnoTResult(keep, swaps, gap_before, gap)

@@ -72,6 +72,10 @@ def test_dsnot_keeps_nonzeros_per_row_and_block_and_lowers_the_gap(pattern):
     assert (out.swaps <= 20).all() and out.swaps.sum() > 0
     assert int((out.mask != mask).sum(1).max()) <= 2 * 20  # one prune + one grow per swap
     assert out.gap_after.abs().mean() <= out.gap_before.abs().mean()
+    long = run_dsnot(w, stats, mask, metric, pattern=pattern, max_cycle_time=500, update_threshold=0.0, same_sign=False)
+    assert torch.equal(long.mask.sum(1), mask.sum(1))  # still, after every weight that could move has moved
+    if pattern is not None:
+        assert (long.mask.view(64, -1, 4).sum(-1) == 2).all()
     # the gap it reports is the gap of the mask it returns
     torch.testing.assert_close(out.gap_after, (w * stats.mean_sum * ~out.mask).sum(1))
 
