@@ -20,7 +20,8 @@ import lightning as L
 from effitrain.callbacks.strategy_checks import refuse_sharded
 from effitrain.methods.sparsity import (
     global_sparsity,
-    layer_sparsities,
+    mask_sparsities,
+    network_of,
     prunable_layers,
     remove_sparsity,
     sparsify,
@@ -41,7 +42,7 @@ class DynamicSparsity(L.Callback):
 
     Args:
         sparsity: the sparsity of every layer when no per-layer values are given (0.9 = 90% zeros).
-        layer_sparsities: per-layer sparsities by name (relative to ``module_attr``); overrides ``sparsity``.
+        per_layer: per-layer sparsities by name (relative to ``module_attr``); overrides ``sparsity``.
             A ``SparsitySearch`` callback replaces the values (on the same layers) at the start of fit.
         decay: λ of the gradient of pruned weights, λ·(1 − m)⊙W (UniPTS: 5e-5; 0 gives pure STE).
         module_attr: the LightningModule attribute holding the network (``None``: the module itself).
@@ -52,10 +53,10 @@ class DynamicSparsity(L.Callback):
         ValueError: a sparsity outside [0, 1), ``exclude`` leaving no layer, a checkpoint masking other layers, or
             a sharded strategy (FSDP2, FSDP, DeepSpeed), at ``setup``.
         AttributeError: ``module_attr`` is not an attribute of the LightningModule.
-        KeyError: a ``layer_sparsities`` name that is not a layer of the network.
+        KeyError: a ``per_layer`` name that is not a layer of the network.
     """
 
-    def __init__(self, sparsity: float = 0.9, layer_sparsities: dict[str, float] | None = None,
+    def __init__(self, sparsity: float = 0.9, per_layer: dict[str, float] | None = None,
                  decay: float = 5e-5, module_attr: str | None = "model", exclude: list[str] | None = None,
                  bake_on_fit_end: bool = True):
         if not 0.0 <= sparsity < 1.0:
@@ -64,24 +65,17 @@ class DynamicSparsity(L.Callback):
             raise ValueError(f"decay must be >= 0, got {decay}.")
         self.sparsity, self.decay, self.module_attr = sparsity, decay, module_attr
         self.exclude, self.bake_on_fit_end = list(exclude or []), bake_on_fit_end
-        self.layer_sparsities = dict(layer_sparsities) if layer_sparsities else None
+        self.per_layer = dict(per_layer) if per_layer else None
         self._restored: dict[str, float] | None = None
         self._network: nn.Module | None = None
 
     def network(self, pl_module: L.LightningModule) -> nn.Module:
-        if self.module_attr is None:
-            return pl_module
-        net = getattr(pl_module, self.module_attr, None)
-        if not isinstance(net, nn.Module):
-            raise AttributeError(f"DynamicSparsity: {type(pl_module).__name__} has no module attribute "
-                                 f"{self.module_attr!r}; set `module_attr` to the attribute holding the network "
-                                 "(or null for the LightningModule itself).")
-        return net
+        return network_of(pl_module, self.module_attr, type(self).__name__)
 
     def planned(self, net: nn.Module) -> dict[str, float]:
         """The per-layer sparsities applied at setup (given > uniform over the Conv2d/Linear layers)."""
-        if self.layer_sparsities is not None:
-            return dict(self.layer_sparsities)
+        if self.per_layer is not None:
+            return dict(self.per_layer)
         layers = prunable_layers(net, self.exclude)
         if not layers:
             raise ValueError(f"DynamicSparsity: no Conv2d/Linear layer left after exclude={self.exclude}.")
@@ -93,7 +87,7 @@ class DynamicSparsity(L.Callback):
         # as they are then); later changes (a search result, a checkpoint) only change p_l in place.
         refuse_sharded(trainer, "DynamicSparsity", SHARDED_WHY)
         net = self.network(pl_module)
-        for name, p in (self.layer_sparsities or {}).items():  # fail before training on a wrong name or value
+        for name, p in (self.per_layer or {}).items():  # fail before training on a wrong name or value
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"DynamicSparsity: sparsity of {name!r} must be in [0, 1), got {p}.")
             try:
@@ -109,10 +103,10 @@ class DynamicSparsity(L.Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._restored is not None:  # resumed: the checkpoint's per-layer sparsities (e.g. a search result)
-            unknown = set(self._restored) - set(layer_sparsities(self._network))
+            unknown = set(self._restored) - set(mask_sparsities(self._network))
             if unknown:
                 raise ValueError(f"DynamicSparsity: the checkpoint masks layers {sorted(unknown)} that this run "
-                                 "does not; use the same `exclude` / `layer_sparsities` as the run that wrote it.")
+                                 "does not; use the same `exclude` / `per_layer` as the run that wrote it.")
             sparsify(self._network, self._restored, decay=self.decay)
 
     @override
@@ -131,9 +125,9 @@ class DynamicSparsity(L.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._network is not None:
-            return {"layer_sparsities": layer_sparsities(self._network)}
-        return {"layer_sparsities": self._restored or self.layer_sparsities}
+            return {"layer_sparsities": mask_sparsities(self._network)}
+        return {"layer_sparsities": self._restored or self.per_layer}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = state_dict.get("layer_sparsities")
+        self._restored = state_dict.get("layer_sparsities")  # the checkpoint key, kept for old checkpoints

@@ -2,7 +2,7 @@
 
 Xie et al., CVPR 2024, Sec. 3.2 (official code: xjjxmu/UniPTS `main.py`, `genetic_algorithm`). Every
 layer is reduced to P + δ and δ·N weights are regrown by a softmax over genes; the genes evolve with
-fitness = calibration top-1 after magnitude masks and a BatchNorm recalibration (`effitrain.methods.sparsity`).
+fitness = calibration top-1 after magnitude masks and a BatchNorm recalibration (`effitrain.methods.sparsity_search`).
 
 One rank searches (rank 0) and the result is broadcast, so every rank applies the same sparsities. The
 result is kept in the checkpoint: a resumed run does not search again. The search covers the layers that
@@ -21,7 +21,8 @@ import lightning as L
 import torch
 from effitrain.callbacks.progress import StageProgress
 from effitrain.callbacks.strategy_checks import refuse_sharded
-from effitrain.methods.sparsity import calibrated_accuracy, evolutionary_search, layer_sparsities, sparsify
+from effitrain.methods.sparsity import mask_sparsities, network_of, sparsify
+from effitrain.methods.sparsity_search import calibrated_accuracy, evolutionary_search
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -81,11 +82,7 @@ class SparsitySearch(L.Callback):
         self.fitness: float | None = None
 
     def _network(self, pl_module: L.LightningModule) -> nn.Module:
-        net = pl_module if self.module_attr is None else getattr(pl_module, self.module_attr, None)
-        if not isinstance(net, nn.Module):
-            raise AttributeError(f"SparsitySearch: {type(pl_module).__name__} has no module attribute "
-                                 f"{self.module_attr!r}; set `module_attr` to the attribute holding the network.")
-        return net
+        return network_of(pl_module, self.module_attr, type(self).__name__)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -105,7 +102,7 @@ class SparsitySearch(L.Callback):
     def search(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[dict[str, float], float]:
         """Run the evolution on this process (no collective inside)."""
         net = self._network(pl_module)
-        names = list(layer_sparsities(net))
+        names = list(mask_sparsities(net))
         numels = [net.get_submodule(n).weight.numel() for n in names]
         population, generations, limit = self.population_size, self.generations, self.calibration_batches
         if trainer.fast_dev_run:  # exercise the path, not the budget: 2 candidates on one batch
@@ -139,7 +136,7 @@ class SparsitySearch(L.Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         net = self._network(pl_module)
-        if not layer_sparsities(net):  # the same on every rank: no rank reaches the broadcast alone
+        if not mask_sparsities(net):  # the same on every rank: no rank reaches the broadcast alone
             raise ValueError("SparsitySearch searches the sparsities of the masked layers, and none is masked: add "
                              "`effitrain.callbacks.dynamic_sparsity.DynamicSparsity` to trainer.callbacks.")
         if self.result is None:

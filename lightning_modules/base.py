@@ -177,6 +177,11 @@ class TrainModule(L.LightningModule):
 
     @override
     def on_fit_end(self) -> None:
+        self.publish_exports()
+
+    def publish_exports(self) -> None:
+        """Write every export of a completed run, each through a temporary folder renamed into place, never
+        over another run's export unless ``overwrite_export``; nothing under ``fast_dev_run`` or after a stop."""
         trainer = self.trainer
         if trainer.fast_dev_run or trainer.interrupted:
             if self.exports():

@@ -1,38 +1,31 @@
-"""Unstructured weight sparsity: magnitude masks, UniPTS dynamic sparse training and sparsity search.
+"""Weight masks: magnitude, per-row and N:M masks, and the parametrizations that apply them to a layer.
 
-Xie et al., "UniPTS: A Unified Framework for Proficient Post-Training Sparsity", CVPR 2024 (official
-code: xjjxmu/UniPTS). From a dense trained network and a small calibration set UniPTS reaches a high
-global sparsity P in three parts; this file holds the two that touch weights (the loss is in
-`methods/distillation.py`):
+The masks are `torch.nn.utils.parametrize` parametrizations of `weight`, so they work for any module whose
+forward reads `self.weight` (Conv2d, Linear and their timm / transformers subclasses). A masked layer's
+`state_dict` keeps the plain key `weight` with the *dense* W, so checkpoints load into dense or masked
+models alike. `remove_sparsity` bakes the zeros in and leaves a plain dense model. Three parametrizations
+share this machinery (`mask_of` finds any of them):
 
-* Dynamic sparse training (Sec. 3.3; official `GetWeightSubnet`). On every forward a layer computes
-  with W⊙m, m keeping its largest-|W| weights (⌊p_l·n_l⌋ zeroed). The backward is straight-through
-  plus a decay that pulls pruned weights towards zero (SR-STE style):
+* `MagnitudeMask`: dynamic sparse training (UniPTS, Xie et al., CVPR 2024, Sec. 3.3; SR-STE, Zhou et al.,
+  ICLR 2021, Eq. 4). On every forward the layer computes with W⊙m, m keeping its largest-|W| weights
+  (⌊p·n⌋ zeroed, or N of every M inputs), and the backward is straight-through plus a decay that pulls
+  pruned weights towards zero:
 
-      ∂L/∂W = ∂L/∂(W⊙m) + λ·(1 − m)⊙W,        λ = 5e-5
+      ∂L/∂W = ∂L/∂(W⊙m) + λ·(1 − m)⊙W        (UniPTS λ = 5e-5; SR-STE λ = 2e-4)
 
   Pruned weights keep their values and come back once their magnitude crosses the threshold.
+* `FixedMask`: a mask chosen once (magnitude N:M before fine-tuning, Wanda, DSnoT); W⊙m, whose gradient
+  is g⊙m, so pruned weights stay pruned.
+* `effitrain.methods.lbc.LearnableNMMask`: LBC's learnable N:M combinations.
 
-* Reducing-regrowing search of the per-layer sparsity (Sec. 3.2; official `get_sparisity`,
-  `genetic_algorithm`). Every layer is reduced to P + δ, then a budget Bud = δ·N of weights is
-  regrown by a softmax over the genes s:
-
-      p_l = max(0, P + δ − Bud·softmax(s)_l / n_l)
-
-  Without clipping exactly N·(1 − P) weights are kept. The genes evolve (population 25 = the all-P
-  vector + 24 uniform draws, 25 generations, top-10 parents, uniform crossover, mutation gene×(1+N(0,1))
-  with probability 0.1); fitness is top-1 on the calibration set after magnitude masks and a
-  BatchNorm recalibration on the same set.
-
-The masks are `torch.nn.utils.parametrize` parametrizations of `weight`, so they work for any module
-whose forward reads `self.weight` (Conv2d, Linear and their timm / transformers subclasses). A
-sparsified layer's `state_dict` keeps the plain key `weight` with the *dense* W, so checkpoints load
-into dense or sparsified models alike and masks (a function of W and p_l) survive a round trip.
-`remove_sparsity` bakes the zeros in and leaves a plain dense model.
+N:M groups run along the input dimension (dim 1; for convs the (I, kh, kw) block is regrouped channel-last,
+as NVIDIA ASP and LBC do): `to_groups` / `from_groups` convert between a weight and its [G, M] groups.
 
 Use::
 
     sparsify(model, {"layer1.0.conv1": 0.9, "fc": 0.8})   # in place, per-forward masks + STE + decay
+    sparsify(model, {"fc": 0.5}, pattern=(2, 4))           # SR-STE: per-forward 2:4 masks
+    fix_masks(model, {"fc": nm_mask(model.fc.weight, 2, 4)})   # a fixed mask
     current_masks(model)                                   # {"layer1.0.conv1": BoolTensor, ...}
     remove_sparsity(model)                                 # plain model, zeros baked in
 """
@@ -42,28 +35,33 @@ from __future__ import annotations
 import fnmatch
 import math
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-from effitrain.methods.topk_threshold import _SMALL_ROW, _next_down, topk_threshold
+from effitrain.methods.topk_threshold import SEARCH_MIN_ROW, topk_strict_bound
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 __all__ = [
+    "FixedMask",
     "MagnitudeMask",
-    "SearchResult",
-    "calibrated_accuracy",
+    "WeightMask",
     "current_masks",
-    "evolutionary_search",
+    "dense_weight",
+    "fix_masks",
+    "from_groups",
     "global_sparsity",
-    "layer_sparsities",
-    "layerwise_sparsity",
     "magnitude_mask",
+    "mask_of",
+    "mask_sparsities",
+    "network_of",
     "nm_mask",
+    "parse_pattern",
     "prunable_layers",
     "remove_sparsity",
+    "row_mask",
     "sparsify",
+    "to_groups",
 ]
 
 _ORIGINAL_KEY = "parametrizations.weight.original"
@@ -87,25 +85,65 @@ def magnitude_mask(weight: Tensor, sparsity: float) -> Tensor:
     return mask.view_as(weight)
 
 
-def nm_mask(weight: Tensor, n: int, m: int) -> Tensor:
-    """N:M mask: in each group of m consecutive input weights keep the n largest |W|.
+def parse_pattern(pattern: str | Sequence[int]) -> tuple[int, int]:
+    """``"2:4"`` or ``(2, 4)`` -> (n, m), checked: 1 <= n < m (n = m would prune nothing)."""
+    if isinstance(pattern, str):
+        parts = pattern.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"an N:M pattern is written 'N:M' (e.g. '2:4'), got {pattern!r}")
+        n, m = int(parts[0]), int(parts[1])
+    else:
+        n, m = (int(v) for v in pattern)
+    if not 1 <= n < m:
+        raise ValueError(f"N:M sparsity needs 1 <= N < M (N kept of every M), got {n}:{m}")
+    return n, m
 
-    Groups run along the input dimension (dim 1, and for convs the flattened (I, kh, kw) block is
-    regrouped channel-last, as NVIDIA ASP / LBC do), so a 2:4 Linear mask is the sparse-tensor-core
-    layout.
+
+def to_groups(weight: Tensor, m: int) -> Tensor:
+    """The [G, m] groups of m consecutive inputs of each output row (convs regrouped channel-last: (O, kh, kw, I)).
+
+    Raises:
+        ValueError: the input width (I·kh·kw) is not a multiple of m.
     """
+    w2 = weight.permute(0, *range(2, weight.dim()), 1).reshape(weight.shape[0], -1) if weight.dim() > 2 else weight
+    if w2.dim() != 2 or w2.shape[1] % m:
+        raise ValueError(f"a weight of shape {tuple(weight.shape)} has input width {w2.shape[-1]}, not a multiple of "
+                         f"M={m}: pick an M that divides it, or exclude the layer")
+    return w2.reshape(-1, m)
+
+
+def from_groups(groups: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`to_groups`: the [G, m] groups back in a weight's ``shape``."""
+    if len(shape) <= 2:
+        return groups.reshape(shape)
+    out = groups.reshape(shape[0], *shape[2:], shape[1])
+    return out.permute(0, len(shape) - 1, *range(1, len(shape) - 1)).contiguous()
+
+
+def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
+    """N:M mask: in each group of m consecutive inputs keep the n largest |scores| (the weight itself for
+    magnitude N:M, or a saliency such as Wanda's |W|·‖X‖). Groups as in :func:`to_groups`, so a 2:4 Linear
+    mask is the sparse-tensor-core layout."""
     if not 0 < n <= m:
         raise ValueError(f"N:M needs 0 < n <= m, got n={n}, m={m}")
-    w = weight.detach().abs()
-    w2 = w.permute(0, *range(2, w.dim()), 1).reshape(w.shape[0], -1) if w.dim() > 2 else w
-    if w2.shape[1] % m:
-        raise ValueError(f"input size {w2.shape[1]} is not a multiple of m={m}; pick a layer or m that divides")
-    groups = w2.reshape(-1, m)
+    groups = to_groups(scores.detach().abs(), m)
     keep = torch.topk(groups, n, dim=1).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True).reshape(w2.shape)
-    if w.dim() > 2:
-        mask = mask.reshape(w.shape[0], *w.shape[2:], w.shape[1]).permute(0, w.dim() - 1, *range(1, w.dim() - 1))
-    return mask.contiguous()
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
+    return from_groups(mask, scores.shape)
+
+
+def row_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Per output row, keep the largest scores: exactly ⌊sparsity·d_in⌋ entries of every row are False
+    (Wanda's per-output comparison group)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    flat = scores.detach().reshape(scores.shape[0], -1)
+    drop = math.floor(sparsity * flat.shape[1])
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if drop:
+        # a stable sort breaks ties by position, as the official Wanda code does
+        mask.scatter_(1, torch.sort(flat, dim=1, stable=True).indices[:, :drop], False)
+    return mask.view_as(scores)
 
 
 def _threshold_mask_forward(weight: Tensor, keep: int, owner: MagnitudeMask) -> Tensor | None:
@@ -117,11 +155,10 @@ def _threshold_mask_forward(weight: Tensor, keep: int, owner: MagnitudeMask) -> 
     buf = _scratch(weight.device, 2 * n)
     absw, scratch = buf[:n].view(1, n), buf[n : 2 * n].view(1, n)
     torch.abs(weight.detach().reshape(-1), out=absw[0])
-    counts: list[int] = []
-    tau, owner._hint = topk_threshold(absw, keep, scratch, hint=owner._hint, counts=counts)
-    if counts[0] != keep:
+    (bound,), owner._hint = topk_strict_bound(absw, keep, scratch, hint=owner._hint)
+    if bound is None:
         return None
-    return torch.ops.aten.hardshrink(weight.detach(), _next_down(tau[0]))
+    return torch.ops.aten.hardshrink(weight.detach(), bound)
 
 
 _SCRATCH = threading.local()  # per thread: {device: flat fp32 buffer}
@@ -144,7 +181,9 @@ class _MaskedWeight(torch.autograd.Function):
     def forward(ctx, weight: Tensor, owner: MagnitudeMask) -> Tensor:  # type: ignore[override]
         keep = weight.numel() - math.floor(owner.sparsity * weight.numel())
         out = None
-        if (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() > _SMALL_ROW
+        if owner.pattern is not None:  # SR-STE: N of every M by magnitude
+            out = weight * nm_mask(weight, *owner.pattern)
+        elif (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.numel() > SEARCH_MIN_ROW
                 and 0 < keep < weight.numel() and not torch.compiler.is_compiling()
                 and not isinstance(weight, torch._subclasses.FakeTensor)):
             # CPU only: there topk costs several passes; on GPUs it is one fast kernel and the search's
@@ -170,18 +209,28 @@ class _MaskedWeight(torch.autograd.Function):
         return torch.add(grad, pruned, alpha=ctx.decay), None
 
 
-class MagnitudeMask(nn.Module):
+class WeightMask(nn.Module):
+    """Base of the parametrizations of ``weight`` that mask it (what :func:`mask_of` looks for)."""
+
+    def mask(self, weight: Tensor) -> Tensor:
+        """The boolean mask the layer computes with for the dense ``weight``."""
+        raise NotImplementedError
+
+
+class MagnitudeMask(WeightMask):
     """Parametrization of a layer's weight: its largest-magnitude weights, recomputed every forward.
 
     Args:
-        sparsity: the fraction of weights zeroed (⌊sparsity·n⌋ of them).
+        sparsity: the fraction of weights zeroed (⌊sparsity·n⌋ of them); ignored when ``pattern`` is set.
         decay: λ of the straight-through gradient ∂L/∂W = g + λ(1 − m)⊙W (0 gives pure STE).
+        pattern: ``(n, m)``: keep the n largest of every m inputs instead (SR-STE).
     """
 
-    def __init__(self, sparsity: float, decay: float = 5e-5) -> None:
+    def __init__(self, sparsity: float, decay: float = 5e-5, pattern: tuple[int, int] | None = None) -> None:
         super().__init__()
-        self.sparsity = float(sparsity)
+        self.sparsity = float(sparsity) if pattern is None else 1.0 - pattern[0] / pattern[1]
         self.decay = float(decay)
+        self.pattern = None if pattern is None else tuple(pattern)
         self._hint: list | None = None  # the last threshold search, to start the next one from (speed only)
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -189,8 +238,36 @@ class MagnitudeMask(nn.Module):
             return weight
         return _MaskedWeight.apply(weight, self)
 
+    def mask(self, weight: Tensor) -> Tensor:
+        if self.pattern is not None:
+            return nm_mask(weight, *self.pattern)
+        return magnitude_mask(weight, self.sparsity)
+
     def extra_repr(self) -> str:
-        return f"sparsity={self.sparsity:.4f}, decay={self.decay:g}"
+        what = f"pattern={self.pattern[0]}:{self.pattern[1]}" if self.pattern else f"sparsity={self.sparsity:.4f}"
+        return f"{what}, decay={self.decay:g}"
+
+
+class FixedMask(WeightMask):
+    """Parametrization W ↦ W⊙m with a fixed boolean mask (a buffer, saved in the state_dict); the weight
+    gradient is g⊙m, so pruned weights get none."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("keep", mask.detach().to(torch.bool).clone())
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.keep
+
+    def mask(self, weight: Tensor) -> Tensor:
+        return self.keep.clone()
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - float(self.keep.float().mean())
+
+    def extra_repr(self) -> str:
+        return f"sparsity={self.sparsity:.4f}"
 
 
 # The state_dict of a sparsified layer keeps the plain key "weight" (dense W): checkpoints are
@@ -201,21 +278,48 @@ def _save_plain_key(module: nn.Module, state_dict: dict, prefix: str, local_meta
 
 
 def _load_plain_key(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    if _mask_of(module) is not None and prefix + "weight" in state_dict:
+    if mask_of(module) is not None and prefix + "weight" in state_dict:
         state_dict[prefix + _ORIGINAL_KEY] = state_dict.pop(prefix + "weight")
 
 
-def _mask_of(module: nn.Module) -> MagnitudeMask | None:
+def mask_of(module: nn.Module) -> WeightMask | None:
+    """The mask parametrization of ``module.weight`` (any :class:`WeightMask`), or None."""
     if not parametrize.is_parametrized(module, "weight"):
         return None
     for p in module.parametrizations.weight:
-        if isinstance(p, MagnitudeMask):
+        if isinstance(p, WeightMask):
             return p
     return None
 
 
-def _dense_weight(module: nn.Module) -> Tensor:
-    return module.parametrizations.weight.original if _mask_of(module) is not None else module.weight
+def dense_weight(module: nn.Module) -> Tensor:
+    """The dense W of a layer, masked or not (the parameter the optimizer updates)."""
+    return module.parametrizations.weight.original if mask_of(module) is not None else module.weight
+
+
+def register_mask(module: nn.Module, mask: WeightMask) -> None:
+    """Attach ``mask`` to ``module.weight`` (with the plain-key state_dict hooks)."""
+    parametrize.register_parametrization(module, "weight", mask)
+    if not getattr(module, "_sparsity_key_hooks", False):
+        module.register_state_dict_post_hook(_save_plain_key)
+        module.register_load_state_dict_pre_hook(_load_plain_key)
+        module._sparsity_key_hooks = True
+
+
+def network_of(owner: nn.Module, attr: str | None, who: str) -> nn.Module:
+    """``owner`` itself (``attr`` None) or its submodule attribute ``attr``: how callbacks find the network
+    inside a LightningModule.
+
+    Raises:
+        AttributeError: ``attr`` is not a module attribute of ``owner``; names ``who`` (the caller) in the message.
+    """
+    if attr is None:
+        return owner
+    net = getattr(owner, attr, None)
+    if not isinstance(net, nn.Module):
+        raise AttributeError(f"{who}: {type(owner).__name__} has no module attribute {attr!r}; set `module_attr` "
+                             "to the attribute holding the network (or null for the LightningModule itself).")
+    return net
 
 
 def prunable_layers(
@@ -231,12 +335,14 @@ def prunable_layers(
     return layers
 
 
-def sparsify(model: nn.Module, sparsities: Mapping[str, float], decay: float | None = 5e-5) -> nn.Module:
+def sparsify(model: nn.Module, sparsities: Mapping[str, float], decay: float | None = 5e-5,
+             pattern: tuple[int, int] | None = None) -> nn.Module:
     """Make each named layer compute with its largest-magnitude weights on every forward (in place).
 
     The gradient is straight-through plus decay·(1 − m)⊙W (UniPTS / SR-STE). A layer already
     sparsified gets its sparsity (and decay, unless `decay` is None) updated in place, which keeps its
-    parameters and any DDP wrapper valid. `decay=None` on a new layer means 5e-5. Returns `model`.
+    parameters and any DDP wrapper valid. `decay=None` on a new layer means 5e-5. With `pattern=(n, m)` the
+    masks keep n of every m inputs instead (SR-STE; the sparsities are then ignored). Returns `model`.
 
     Raises:
         KeyError: a name is not a submodule of `model`.
@@ -250,26 +356,50 @@ def sparsify(model: nn.Module, sparsities: Mapping[str, float], decay: float | N
         except AttributeError as err:
             raise KeyError(f"{name!r} is not a submodule of {type(model).__name__}; "
                            f"list candidates with prunable_layers(model)") from err
-        mask = _mask_of(module)
-        if mask is not None:
+        mask = mask_of(module)
+        if isinstance(mask, MagnitudeMask):
             mask.sparsity = float(p)
             mask.decay = mask.decay if decay is None else float(decay)
             continue
+        if mask is not None:
+            raise ValueError(f"{name!r} already carries a {type(mask).__name__}; remove_sparsity first")
         if not isinstance(getattr(module, "weight", None), nn.Parameter):
             raise ValueError(f"{name!r} ({type(module).__name__}) has no weight parameter to sparsify")
-        parametrize.register_parametrization(module, "weight", MagnitudeMask(p, 5e-5 if decay is None else decay))
-        if not getattr(module, "_sparsity_key_hooks", False):
-            module.register_state_dict_post_hook(_save_plain_key)
-            module.register_load_state_dict_pre_hook(_load_plain_key)
-            module._sparsity_key_hooks = True
+        if pattern is not None:
+            to_groups(module.weight, pattern[1])  # a width M does not divide fails here, before training
+        register_mask(module, MagnitudeMask(p, 5e-5 if decay is None else decay, pattern))
     return model
 
 
-def layer_sparsities(model: nn.Module) -> dict[str, float]:
-    """The sparsity set on each sparsified layer of `model`."""
+def fix_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> nn.Module:
+    """Make each named layer compute with W⊙m for a fixed boolean mask m (a :class:`FixedMask`), in place.
+
+    Raises:
+        KeyError: a name is not a submodule of `model`.
+        ValueError: a mask whose shape differs from the layer's weight.
+    """
+    for name, m in masks.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise KeyError(f"{name!r} is not a submodule of {type(model).__name__}") from err
+        if m.shape != dense_weight(module).shape:
+            raise ValueError(f"mask of {name!r} has shape {tuple(m.shape)}, the weight {tuple(module.weight.shape)}")
+        existing = mask_of(module)
+        if isinstance(existing, FixedMask):
+            existing.keep.copy_(m)
+            continue
+        if existing is not None:
+            raise ValueError(f"{name!r} already carries a {type(existing).__name__}; remove_sparsity first")
+        register_mask(module, FixedMask(m.to(module.weight.device)))
+    return model
+
+
+def mask_sparsities(model: nn.Module) -> dict[str, float]:
+    """The sparsity set on each masked layer of `model`, by name."""
     out = {}
     for name, module in model.named_modules():
-        mask = _mask_of(module)
+        mask = mask_of(module)
         if mask is not None:
             out[name] = mask.sparsity
     return out
@@ -280,16 +410,16 @@ def current_masks(model: nn.Module) -> dict[str, Tensor]:
     """The boolean mask each sparsified layer of `model` computes with right now."""
     out = {}
     for name, module in model.named_modules():
-        mask = _mask_of(module)
+        mask = mask_of(module)
         if mask is not None:
-            out[name] = magnitude_mask(_dense_weight(module), mask.sparsity)
+            out[name] = mask.mask(dense_weight(module))
     return out
 
 
 @torch.no_grad()
 def global_sparsity(model: nn.Module, names: Iterable[str] | None = None) -> float:
     """Fraction of exact zeros in the effective weights of the sparsified (or the named) layers."""
-    names = list(layer_sparsities(model)) if names is None else list(names)
+    names = list(mask_sparsities(model)) if names is None else list(names)
     zeros = total = 0
     for name in names:
         w = model.get_submodule(name).weight
@@ -302,147 +432,6 @@ def remove_sparsity(model: nn.Module, bake: bool = True) -> nn.Module:
     """Remove the masks: `bake=True` writes the zeros into W (a plain dense model to export);
     `bake=False` restores the dense W, pruned values included. Returns `model`."""
     for module in list(model.modules()):
-        if _mask_of(module) is not None:
+        if mask_of(module) is not None:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=bake)
     return model
-
-
-# ------------------------------------------------------------------------------------ sparsity search
-def layerwise_sparsity(
-    numels: Sequence[int], genes: Sequence[float] | Tensor, target: float, delta: float = 0.05
-) -> list[float]:
-    """The reducing-regrowing allocation p_l = max(0, P + δ − δ·N·softmax(s)_l / n_l) (UniPTS Sec. 3.2)."""
-    if len(numels) != len(genes):
-        raise ValueError(f"one gene per layer: got {len(genes)} genes for {len(numels)} layers")
-    if not 0.0 < target + delta < 1.0:
-        raise ValueError(f"target + delta must be in (0, 1), got {target} + {delta}")
-    share = torch.softmax(torch.as_tensor(genes, dtype=torch.float64), dim=0)
-    budget = delta * float(sum(numels))
-    return [max(0.0, target + delta - budget * float(s) / n) for s, n in zip(share, numels, strict=True)]
-
-
-@dataclass
-class SearchResult:
-    genes: list[float]
-    sparsities: list[float]
-    fitness: float
-    evaluations: int
-
-
-def evolutionary_search(
-    numels: Sequence[int],
-    fitness: Callable[[list[float]], float],
-    target: float,
-    delta: float = 0.05,
-    population_size: int = 25,
-    generations: int = 25,
-    num_parents: int = 10,
-    mutation_prob: float = 0.1,
-    seed: int = 0,
-    log: Callable[[str], None] | None = None,
-) -> SearchResult:
-    """UniPTS's evolution of the regrowing genes (official `genetic_algorithm`).
-
-    Generation 0 is the all-P vector plus `population_size − 1` genes drawn from U(0, 1). Each
-    generation keeps the `num_parents` fittest; the next population is the all-P vector, uniform
-    crossovers of two distinct parents and mutations of random parents (each gene, with probability
-    `mutation_prob`, multiplied by 1 + N(0, 1)), ⌊population_size/2⌋ of each family (12 + 12 for 25, as
-    the official code). The fittest of the final population wins. `fitness` gets the per-layer
-    sparsities of a candidate; identical candidates are scored once. Deterministic for a seed.
-    """
-    if num_parents < 2 or num_parents > population_size:
-        raise ValueError(f"num_parents must be in [2, population_size={population_size}], got {num_parents}")
-    if generations < 0:
-        raise ValueError(f"generations must be >= 0, got {generations}")
-    gen = torch.Generator().manual_seed(seed)
-    size = len(numels)
-    anchor = torch.full((size,), float(target), dtype=torch.float64)
-    population = [anchor] + list(torch.rand(population_size - 1, size, generator=gen, dtype=torch.float64))
-    cache: dict[bytes, float] = {}
-
-    def score(genes: Tensor) -> float:
-        key = genes.numpy().tobytes()
-        if key not in cache:
-            cache[key] = float(fitness(layerwise_sparsity(numels, genes, target, delta)))
-        return cache[key]
-
-    half = population_size // 2
-    for generation in range(generations):
-        scores = [score(g) for g in population]
-        order = sorted(range(len(population)), key=lambda i: -scores[i])
-        parents = torch.stack([population[i] for i in order[:num_parents]])
-        if log is not None:
-            log(f"generation {generation}: best fitness {scores[order[0]]:.4f}")
-        children = [anchor]
-        while len(children) < half:
-            i, j = torch.randperm(num_parents, generator=gen)[:2].tolist()
-            pick = torch.rand(size, generator=gen) < 0.5
-            children.append(torch.where(pick, parents[i], parents[j]))
-        for k in torch.randint(num_parents, (half,), generator=gen).tolist():
-            hit = torch.rand(size, generator=gen) < mutation_prob
-            factor = 1.0 + torch.randn(size, generator=gen, dtype=torch.float64)
-            children.append(torch.where(hit, parents[k] * factor, parents[k]))
-        population = children
-    scores = [score(g) for g in population]
-    best = max(range(len(population)), key=lambda i: scores[i])
-    genes = population[best]
-    return SearchResult(genes.tolist(), layerwise_sparsity(numels, genes, target, delta), scores[best], len(cache))
-
-
-@torch.no_grad()
-def calibrated_accuracy(
-    model: nn.Module,
-    sparsities: Mapping[str, float],
-    batches: Iterable[tuple[Tensor, Tensor]],
-    noise_std: float = 1e-6,
-    bn_momentum: float | None = None,
-) -> float:
-    """UniPTS search fitness: top-1 of `model` under magnitude masks after a BatchNorm recalibration.
-
-    Magnitude masks at `sparsities` (on the dense W of sparsified layers), BatchNorm statistics reset and
-    re-estimated by one train-mode pass over `batches` (inputs + noise_std·N(0, 1)), then top-1 on the
-    same `batches` in eval mode. Everything is restored afterwards (weights, masks, BatchNorm buffers,
-    train/eval mode): done in place rather than on a copy, so it costs one copy of the masked weights.
-    `bn_momentum=None` takes the cumulative average (the official code keeps momentum 0.1 over 160
-    batches, which has converged; with a few batches the average is the faithful estimate). `batches`
-    must be re-iterable (a DataLoader or a list).
-    """
-    was_training = model.training
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved_norms = [(m.momentum, {k: b.clone() for k, b in m.named_buffers(recurse=False)}) for m in norms]
-    saved_weights = {}
-    for name, p in sparsities.items():
-        module = model.get_submodule(name)
-        w = _dense_weight(module)
-        mask = _mask_of(module)
-        saved_weights[name] = (w.clone(), None if mask is None else mask.sparsity)
-        if mask is not None:
-            mask.sparsity = 0.0  # the dense W is masked in place below
-        w.mul_(magnitude_mask(w, p))
-    try:
-        device = next(model.parameters()).device
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = bn_momentum
-        model.train()
-        for x, _ in batches:
-            x = x.to(device)
-            model(x + noise_std * torch.randn_like(x))
-        model.eval()
-        correct = total = 0
-        for x, y in batches:
-            logits = model(x.to(device))
-            correct += int((logits.argmax(-1) == y.to(device)).sum())
-            total += y.numel()
-    finally:
-        for name, (w, p) in saved_weights.items():
-            module = model.get_submodule(name)
-            _dense_weight(module).copy_(w)
-            if p is not None:
-                _mask_of(module).sparsity = p
-        for m, (momentum, buffers) in zip(norms, saved_norms, strict=True):
-            m.momentum = momentum
-            for k, b in buffers.items():
-                getattr(m, k).copy_(b)
-        model.train(was_training)
-    return correct / max(total, 1)

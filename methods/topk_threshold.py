@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["topk_threshold"]
+__all__ = ["SEARCH_MIN_ROW", "topk_strict_bound", "topk_threshold"]
 
-_SMALL_ROW = 4096  # rows this short take torch.kthvalue directly
+SEARCH_MIN_ROW = 4096  # rows this short take torch.kthvalue directly: the counted search pays above it
+_SMALL_ROW = SEARCH_MIN_ROW
 _SAMPLE = 2048  # sample size per row for the cold-start guess
 _END_GAME = 16  # bracket holding this few values: plain interpolation of their order
 _EXTRACT = 64  # a bracket holding this few values (or under 1/_EXTRACT_SHARE of the row): take the k-th directly
@@ -339,3 +340,16 @@ def sharded_topk_threshold(shards: Sequence[Tensor], ks: Sequence[int], group=No
                 else:
                     hi[i] = mids[i]
     return [_from_bits(b) for b in lo]
+
+
+def topk_strict_bound(
+    a: Tensor, k: int, scratch: Tensor | None = None, hint: list[tuple[float, float, float, float]] | None = None
+) -> tuple[list[float | None], list[tuple[float, float, float, float]]]:
+    """Per row of the non-negative fp32 ``a`` [T, N], the largest fp32 λ with ``{a[i] > λ}`` exactly the k
+    largest entries of row i, or ``None`` for a row whose k-th largest value is tied with the (k+1)-th (no
+    strict bound separates them: use ``torch.topk``). With ``λ``, ``torch.nn.functional.hardshrink(w, λ)``
+    keeps exactly the k largest |w| in one pass. ``hint`` as for :func:`topk_threshold`.
+    """
+    counts: list[int] = []
+    tau, hint = topk_threshold(a, k, scratch, hint=hint, counts=counts)
+    return [_next_down(t) if c == k else None for t, c in zip(tau, counts, strict=True)], hint

@@ -10,17 +10,19 @@ import torch
 import torch.nn.functional as F
 from effitrain.methods.distillation import base_decayed_kd_loss, decayed_base, kd_loss
 from effitrain.methods.sparsity import (
-    calibrated_accuracy,
     current_masks,
-    evolutionary_search,
     global_sparsity,
-    layer_sparsities,
-    layerwise_sparsity,
     magnitude_mask,
+    mask_sparsities,
     nm_mask,
     prunable_layers,
     remove_sparsity,
     sparsify,
+)
+from effitrain.methods.sparsity_search import (
+    calibrated_accuracy,
+    evolutionary_search,
+    reduce_regrow_sparsities,
 )
 from torch import nn
 
@@ -44,7 +46,7 @@ def test_searched_allocation_gives_exact_layer_zeros_and_global_target():
     layers = prunable_layers(model)
     numels = [m.weight.numel() for m in layers.values()]
     genes = torch.rand(len(numels), generator=torch.Generator().manual_seed(3)).tolist()
-    ps = layerwise_sparsity(numels, genes, target=0.9)
+    ps = reduce_regrow_sparsities(numels, genes, target=0.9)
     sparsify(model, dict(zip(layers, ps, strict=True)))
     zeros = 0
     for (name, module), p in zip(layers.items(), ps, strict=True):
@@ -59,12 +61,12 @@ def test_searched_allocation_gives_exact_layer_zeros_and_global_target():
 def test_budget_keeps_exactly_n_times_one_minus_p_without_clipping():
     numels = [4096, 9216, 36864, 5120]
     genes = [0.3, -0.2, 1.1, 0.05]
-    ps = layerwise_sparsity(numels, genes, target=0.9, delta=0.05)
+    ps = reduce_regrow_sparsities(numels, genes, target=0.9, delta=0.05)
     assert all(p > 0 for p in ps)
     kept = sum(n * (1 - p) for n, p in zip(numels, ps, strict=True))
     assert kept == pytest.approx(sum(numels) * (1 - 0.9), rel=1e-12)
     # the anchor genes (all equal) give every layer the same number of regrown weights
-    ps0 = layerwise_sparsity(numels, [0.9] * 4, target=0.9)
+    ps0 = reduce_regrow_sparsities(numels, [0.9] * 4, target=0.9)
     regrown = [n * (0.95 - p) for n, p in zip(numels, ps0, strict=True)]
     assert regrown == pytest.approx([0.05 * sum(numels) / 4] * 4)
 
@@ -133,7 +135,7 @@ def test_remove_sparsity_exports_a_plain_model_with_the_zeros_baked_in():
     model.eval()
     expected = model(x)
     remove_sparsity(model)
-    assert not layer_sparsities(model)
+    assert not mask_sparsities(model)
     assert type(model.fc) is nn.Linear
     plain = tiny_resnet(5).eval()
     plain.load_state_dict(model.state_dict())
@@ -209,7 +211,7 @@ def test_search_is_deterministic_for_a_seed_and_improves_on_the_anchor():
     c = evolutionary_search(numels, fitness, 0.9, population_size=10, generations=6, num_parents=4, seed=8)
     assert a.genes == b.genes and a.sparsities == b.sparsities and a.fitness == b.fitness
     assert a.genes != c.genes
-    assert a.fitness > fitness(layerwise_sparsity(numels, [0.9] * 4, 0.9))
+    assert a.fitness > fitness(reduce_regrow_sparsities(numels, [0.9] * 4, 0.9))
     assert a.evaluations <= 10 + 6 * 10
 
 
@@ -226,7 +228,7 @@ def test_calibrated_accuracy_is_seeded_and_leaves_the_model_untouched():
     b = calibrated_accuracy(model, ps, batches)
     assert a == b and 0.0 <= a <= 1.0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert model.training and layer_sparsities(model) == {"fc": 0.3}
+    assert model.training and mask_sparsities(model) == {"fc": 0.3}
 
 
 def test_per_step_masks_equal_the_topk_reference_while_training_and_under_ties():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from effitrain.callbacks.dynamic_sparsity import DynamicSparsity
 from effitrain.callbacks.sparsity_search import SparsitySearch
 from effitrain.methods.distillation import base_decayed_kd_loss
-from effitrain.methods.sparsity import current_masks, layer_sparsities
+from effitrain.methods.sparsity import current_masks, mask_sparsities
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -77,7 +77,7 @@ def test_search_then_dynamic_sparsity_resumes_from_the_checkpoint_without_search
     t.fit(module)
     found = search.result
     assert set(found) == {"conv1", "conv2", "fc"} and found != {n: 0.8 for n in found}
-    assert layer_sparsities(module.model) == pytest.approx(found)  # the search result is what trains
+    assert mask_sparsities(module.model) == pytest.approx(found)  # the search result is what trains
     assert_exact_zeros(module.model, found)
     masks = current_masks(module.model)
     ckpt = tmp_path / "run.ckpt"
@@ -93,7 +93,7 @@ def test_search_then_dynamic_sparsity_resumes_from_the_checkpoint_without_search
     class Probe(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.setdefault("masks", current_masks(pl_module.model))
-            seen.setdefault("sparsities", layer_sparsities(pl_module.model))
+            seen.setdefault("sparsities", mask_sparsities(pl_module.model))
 
     resumed = TinyClassifier()
     trainer(tmp_path, [*search_callbacks(), Probe()], steps=4).fit(resumed, ckpt_path=ckpt)
@@ -105,7 +105,7 @@ def test_dynamic_sparsity_alone_bakes_zeros_at_fit_end(tmp_path):
     module = TinyClassifier()
     dynamic = DynamicSparsity(sparsity=0.75, exclude=["fc"])
     trainer(tmp_path, [dynamic], enable_checkpointing=False).fit(module)
-    assert not layer_sparsities(module.model)  # plain layers again ...
+    assert not mask_sparsities(module.model)  # plain layers again ...
     assert_exact_zeros(module.model, {"conv1": 0.75, "conv2": 0.75})  # ... with the zeros baked in
     assert int((module.model.fc.weight == 0).sum()) == 0
 
@@ -118,7 +118,7 @@ def test_bad_settings_fail_before_training(tmp_path):
     with pytest.raises(ValueError, match="none is masked"):
         trainer(tmp_path, [SparsitySearch()], enable_checkpointing=False).fit(TinyClassifier())
     with pytest.raises(KeyError, match="not a layer"):
-        trainer(tmp_path, [DynamicSparsity(layer_sparsities={"nope": 0.5})], enable_checkpointing=False).fit(
+        trainer(tmp_path, [DynamicSparsity(per_layer={"nope": 0.5})], enable_checkpointing=False).fit(
             TinyClassifier())
 
 
@@ -127,7 +127,7 @@ class MaskRecorder(L.Callback):
         self.folder = folder
 
     def on_train_end(self, trainer, pl_module):
-        torch.save({"masks": current_masks(pl_module.model), "sparsities": layer_sparsities(pl_module.model)},
+        torch.save({"masks": current_masks(pl_module.model), "sparsities": mask_sparsities(pl_module.model)},
                    f"{self.folder}/rank{trainer.global_rank}.pt")
 
 

@@ -1,0 +1,99 @@
+"""LBC training step against the dense step, and the memory of LBC's scores α, in one process.
+
+A training step (forward, backward, SGD step) of a timm model whose Conv2d/Linear layers (first conv and
+classifier dense) carry LBC's learnable N:M mask with all candidates alive (the most expensive phase: the
+[G, C] × [C, M] product and the straight-through mask every forward), against the dense step and the SR-STE
+step (per-forward N:M magnitude mask). Steps alternate so that load on a shared machine hits all alike;
+medians and ratios are printed (target <= 1.3 at 2:4), then α's parameter count and fp32 bytes per model and
+pattern (n·C(M, N)/M per masked weight).
+
+    python benchmarks/lbc_step.py                          # resnet18, 32 px, batch 64 (the digits recipe)
+    python benchmarks/lbc_step.py --model resnet50 --size 224 --batch 64 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+from effitrain.callbacks.nm_sparsity import timm_dense_layers
+from effitrain.methods.lbc import LearnableNMMask
+from effitrain.methods.sparsity import parse_pattern, prunable_layers, register_mask, sparsify
+
+
+def step_fn(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def lbc(model: torch.nn.Module, n: int, m: int) -> int:
+    layers = prunable_layers(model, timm_dense_layers(model))
+    for layer in layers.values():
+        register_mask(layer, LearnableNMMask(tuple(layer.weight.shape), n, m).to(layer.weight.device))
+    return sum(layer.parametrizations.weight[0].alpha.numel() for layer in layers.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--pattern", default="2:4")
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    n, m = parse_pattern(args.pattern)
+    torch.manual_seed(0)
+    dense = timm.create_model(args.model, num_classes=10).to(device)
+    masked, srste = copy.deepcopy(dense), copy.deepcopy(dense)
+    lbc(masked, n, m)
+    layers = prunable_layers(srste, timm_dense_layers(srste))
+    sparsify(srste, dict.fromkeys(layers, 1 - n / m), 2e-4, pattern=(n, m))
+    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    targets = torch.randint(0, 10, (args.batch,), device=device)
+    steps = {"dense": step_fn(dense, images, targets), "lbc": step_fn(masked, images, targets),
+             "sr_ste": step_fn(srste, images, targets)}
+    times = {k: [] for k in steps}
+    for i in range(args.warmup + args.steps):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{args.model} {args.size}px batch {args.batch}, {n}:{m}, {device.type}, {torch.get_num_threads()} threads, "
+          f"{args.steps} steps")
+    for name in steps:
+        print(f"{name:7s} step {med[name] * 1e3:8.1f} ms   ratio to dense {med[name] / med['dense']:.3f}")
+    print("alpha memory (fp32) per model and pattern, first conv and classifier dense:")
+    for model_name in sorted({args.model, "resnet18", "resnet50"}):
+        net = timm.create_model(model_name, num_classes=1000, pretrained=False)
+        layers = prunable_layers(net, timm_dense_layers(net))
+        weights = sum(layer.weight.numel() for layer in layers.values())
+        for nn_, mm in ((2, 4), (1, 4), (4, 8), (1, 8), (1, 16)):
+            count = weights // mm * math.comb(mm, nn_)
+            print(f"  {model_name:9s} {nn_}:{mm:<3d} alpha {count:>12,d} ({count / weights:5.2f}x the masked weights, "
+                  f"{count * 4 / 2**20:8.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
