@@ -325,13 +325,14 @@ def sharded_topk_threshold(shards: Sequence[Tensor], ks: Sequence[int], group=No
     device = shards[0].device
     top = torch.stack([s.max() if s.numel() else torch.zeros((), device=device) for s in shards]).float()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
     lo = [0] * n  # count(>= from_bits(lo)) >= k always holds at 0 (the whole tensor)
     hi = [_bits(_f32(t)) + 1 for t in top.tolist()]  # count(>= from_bits(hi)) = 0 < k
     while any(b - a > 1 for a, b in zip(lo, hi, strict=True)):
         mids = [(a + b) // 2 for a, b in zip(lo, hi, strict=True)]
-        counts = torch.tensor([int((s >= _from_bits(m)).sum()) if b - a > 1 else 0
-                               for s, m, a, b in zip(shards, mids, lo, hi, strict=True)], dtype=torch.int64,
-                              device=device)
+        # counted on the device and stacked: one host sync per round (the all-reduce), not one per tensor
+        counts = torch.stack([(s >= _from_bits(m)).sum() if b - a > 1 else zero
+                              for s, m, a, b in zip(shards, mids, lo, hi, strict=True)]).to(torch.int64)
         dist.all_reduce(counts, group=group)
         for i, c in enumerate(counts.tolist()):
             if hi[i] - lo[i] > 1:

@@ -124,7 +124,8 @@ def full_parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def fit(name: str, devices: int, strategy="auto", root: str | None = None, max_steps: int = STEPS,
         checkpoint_every: int | None = None, ckpt_path: str | None = None, export_dir: str | None = None):
     module, data, callbacks, clip = build(name, root)
-    module.export_dir = export_dir
+    if export_dir is not None:
+        module.export_dir = export_dir
     if checkpoint_every:
         callbacks = [*callbacks, ModelCheckpoint(dirpath=f"{root}/ckpt", every_n_train_steps=checkpoint_every,
                                                  save_top_k=-1, filename="{step}")]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -43,6 +44,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_ranks_stay_identical(tmp_path):
     steps = 5
     mp.spawn(worker, args=(2, free_port(), str(tmp_path), steps), nprocs=2, join=True)

@@ -237,3 +237,10 @@ def test_llama3_8b_full_config_trainable_count_on_meta(kind: str, expected: int)
         model = get_peft_model(base, _full_config_adapter(kind))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == expected
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda"])
+def test_inits_that_rewrite_w0_are_refused(init):
+    """They subtract s·B·A from W0, which with a mixer would change the output at init."""
+    with pytest.raises(ValueError, match="rewrites W0"):
+        MoSLoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init)

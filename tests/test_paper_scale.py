@@ -48,7 +48,7 @@ def test_mofo_on_llama2_7b_is_sharded_per_tensor(plans):
     assert plan.strategy == "FSDP2Strategy" and plan.devices == 4
     assert plan.groups.startswith("MoFO: 1")
     gib = 1024**3
-    assert plan.weights == pytest.approx(LLAMA2_7B * 2 / 4 / gib)  # bf16, a quarter per GPU
+    assert plan.weights == pytest.approx(LLAMA2_7B * 4 / 4 / gib)  # fp32 master weights, a quarter per GPU
     assert plan.optimizer == pytest.approx(LLAMA2_7B * 8 / 4 / gib)  # fp32 m and v, sharded
 
 

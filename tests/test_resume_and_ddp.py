@@ -57,6 +57,7 @@ def train_subprocess(cwd, args: list[str]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.multiprocess
 def test_ddp_two_processes_equal_one_process(tmp_path, tiny_lm_dir, small_corpus):
     """Same global batch (8 = 1×8 = 2×4). Lightning always gives DDP training a shuffling DistributedSampler
     seeded by `seed_everything`; the single process runs under the same strategy with 1 device, so it draws

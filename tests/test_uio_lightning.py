@@ -45,6 +45,7 @@ def trainable(module: UIOLM) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.model.trainable_state_dict().items()}
 
 
+@pytest.mark.multiprocess
 def test_ddp_unequal_lengths_equals_one_process_mean(tmp_path, monkeypatch):
     """Two gloo ranks whose sequences have different segment counts: one all-reduce per step, no hang, and the
     parameters after two steps equal one process averaging both ranks' gradients, clipping and stepping."""

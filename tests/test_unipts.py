@@ -131,6 +131,7 @@ class MaskRecorder(L.Callback):
                    f"{self.folder}/rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_ranks_hold_identical_masks(tmp_path):
     module = TinyClassifier(rank_dependent_data=True)
     t = trainer(tmp_path, [*search_callbacks(), MaskRecorder(tmp_path)], strategy="ddp_spawn", devices=2,
