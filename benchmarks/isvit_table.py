@@ -54,6 +54,34 @@ def add_outlier_channels(model: torch.nn.Module, channels: int, factor: float) -
 
 
 @torch.no_grad()
+def softmax_errors(fp: torch.nn.Module, images: torch.Tensor, bits_list: list[int]) -> dict:
+    """Relative MSE ||P^ - P||^2 / ||P||^2 of each post-softmax quantizer on the FP model's attention
+    probabilities (all blocks, one quantizer per block calibrated on them, as in the model)."""
+    from effitrain.methods.vit_ptq import QuantTimmAttention
+    from effitrain.methods.vit_quantizers import post_softmax_quantizer
+
+    probs = []
+    model = copy.deepcopy(fp)
+    for block in model.blocks:
+        twin = QuantTimmAttention(block.attn, 8, 8, "uniform")
+        twin.quant.matmul_v = lambda p, v, keep=probs: (keep.append(p), p @ v)[1]
+        block.attn = twin
+    model(images)
+    out = {}
+    for bits in bits_list:
+        for kind in ("uniform", "log2", "sulq"):
+            err = ref = 0.0
+            for p in probs:
+                quant = post_softmax_quantizer(kind, bits)
+                if hasattr(quant, "calibrate"):
+                    quant.calibrate(p)
+                err += float((quant(p) - p).pow(2).sum())
+                ref += float(p.pow(2).sum())
+            out[f"W{bits}/{kind}"] = err / ref
+    return out
+
+
+@torch.no_grad()
 def accuracy(model: torch.nn.Module, loader) -> float:
     model.eval()
     correct = total = 0
@@ -78,6 +106,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=None, help="row labels to run (default: all)")
     parser.add_argument("--outliers", type=int, default=0, help="post-LN outlier channels per norm (testbed)")
     parser.add_argument("--outlier_factor", type=float, default=30.0)
+    parser.add_argument("--softmax_only", action="store_true", help="only the post-softmax quantizer errors")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     kwargs = json.loads(args.model_kwargs)
@@ -93,6 +122,10 @@ def main() -> None:
     fp = create_timm_model(args.model_name, 10, args.pretrained, **kwargs).eval()
     if args.outliers:
         add_outlier_channels(fp, args.outliers, args.outlier_factor)
+    if args.softmax_only:
+        for key, value in softmax_errors(fp, calib[:256], args.bits).items():
+            print(f"post-softmax relative MSE {key:14s} {value:.4f}")
+        return
     results = {"fp": accuracy(fp, val), "rows": [], "settings": vars(args)}
     print(f"FP top-1 {results['fp']:.2f} ({len(calib)} calibration images, {args.iters} iterations, lr {args.lr})")
     for bits in args.bits:
