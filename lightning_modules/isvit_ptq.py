@@ -94,8 +94,9 @@ class ISViTPTQ(TrainModule):
                  model_kwargs: dict[str, Any] | None = None, num_classes: int = 10, w_bits: int = 4, a_bits: int = 4,
                  post_softmax: str = "sulq", reconstruction: str = "sos", init: str = "percentile",
                  weight_channel_wise: bool = True, calib_images: int = 1024, iters: int = 1000, batch_size: int = 64,
-                 lr: float = 4e-5, init_images: int = 256, seed: int = 0, export_dir: str | None = None):
-        super().__init__(export_dir=export_dir)
+                 lr: float = 4e-5, init_images: int = 256, seed: int = 0, export_dir: str | None = None,
+                 overwrite_export: bool = False):
+        super().__init__(export_dir=export_dir, overwrite_export=overwrite_export)
         self.save_hyperparameters()
         if calib_images < batch_size:
             raise ValueError(f"calib_images={calib_images} is fewer than batch_size={batch_size}: every "
@@ -242,11 +243,9 @@ class ISViTPTQ(TrainModule):
     test_step = validation_step
 
     @override
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
-
-    def export(self, directory: str) -> None:
+    def save_export(self, folder: Path) -> None:
+        """Integer weight codes, scales, zero points and SULQ's η (``save_quantized_vit``) and the run's stats."""
+        directory = str(folder)
         hp = self.hparams
         config = {"model_name": hp.model_name, "model_kwargs": dict(hp.model_kwargs or {}),
                   "num_classes": hp.num_classes, "w_bits": hp.w_bits, "a_bits": hp.a_bits,
@@ -259,7 +258,7 @@ class ISViTPTQ(TrainModule):
 
 
 def load_isvit(folder: str | Path) -> torch.nn.Module:
-    """The quantized model written by ``ISViTPTQ.export``, with every quantizer on (outputs equal the saved
+    """The quantized model written by ``ISViTPTQ`` (its ``export_dir``), with every quantizer on (outputs equal the saved
     model's)."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
