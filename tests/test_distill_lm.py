@@ -169,3 +169,11 @@ def test_greedy_answers_and_their_scores(lm_cli):
         generation.greedy_answers = original
     scores = quality.compute()
     assert quality.seen == 3 and scores["exact_match"].item() == 1.0 and scores["rougeL"].item() == 1.0
+
+
+def test_dolly_records_use_context_as_input():
+    from effitrain.datamodules.instructions import TEMPLATE, TEMPLATE_WITH_INPUT, format_prompt
+
+    record = {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"}
+    assert format_prompt(record) == (TEMPLATE_WITH_INPUT.format(instruction="Summarise.", input="A long text."), "Short.")
+    assert format_prompt({**record, "context": ""}) == (TEMPLATE.format(instruction="Summarise."), "Short.")
