@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--skip", default="mlp.*", help="DSnoT skips these Linear names ('' = none)")
     parser.add_argument("--max-cycle-time", type=int, default=50)
     parser.add_argument("--update-threshold", type=float, default=0.1)
+    parser.add_argument("--rows", default="0,1,2,3", help="which rows (0 magnitude, 1 Wanda, 2 Wanda + DSnoT, "
+                        "3 magnitude + DSnoT); separate processes can share the work")
     args = parser.parse_args()
     L.seed_everything(args.seed)
     data = TextDataModule(source="builtin", tokenizer=args.model, block_size=128, batch_size=16)
@@ -62,7 +64,7 @@ def main() -> None:
     targets = args.targets.split(",")
     print("| method | " + " | ".join(t if ":" in t else f"{float(t):.0%}" for t in targets) + " |")
     print("|---|" + "---|" * len(targets))
-    for label, method, refine in ROWS:
+    for label, method, refine in (ROWS[int(i)] for i in args.rows.split(",")):
         cells = []
         for target in targets:
             pattern = parse_pattern(target) if ":" in target else None
