@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--skip", default="mlp.*", help="DSnoT skips these Linear names ('' = none)")
     parser.add_argument("--max-cycle-time", type=int, default=50)
     parser.add_argument("--update-threshold", type=float, default=0.1)
+    parser.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model")
+    parser.add_argument("--rows", default="0,1,2,3", help="which rows (0 magnitude, 1 Wanda, 2 Wanda + DSnoT, "
+                        "3 magnitude + DSnoT); separate processes can share the work")
     args = parser.parse_args()
     L.seed_everything(args.seed)
     data = TextDataModule(source="builtin", tokenizer=args.model, block_size=128, batch_size=16)
@@ -57,12 +60,13 @@ def main() -> None:
     val = data.val_dataloader()
     dense = AutoModelForCausalLM.from_pretrained(args.model).eval()
     settings = DSnoTSettings(args.max_cycle_time, args.update_threshold, skip=tuple(s for s in [args.skip] if s))
-    print(f"dense perplexity {perplexity(dense, val):.2f} ({count} calibration sequences, seed {args.seed}, "
-          f"DSnoT skip {list(settings.skip)})")
+    if not args.skip_dense:
+        print(f"dense perplexity {perplexity(dense, val):.2f} ({count} calibration sequences, seed {args.seed}, "
+              f"DSnoT skip {list(settings.skip)})", flush=True)
     targets = args.targets.split(",")
     print("| method | " + " | ".join(t if ":" in t else f"{float(t):.0%}" for t in targets) + " |")
     print("|---|" + "---|" * len(targets))
-    for label, method, refine in ROWS:
+    for label, method, refine in (ROWS[int(i)] for i in args.rows.split(",")):
         cells = []
         for target in targets:
             pattern = parse_pattern(target) if ":" in target else None
@@ -70,8 +74,9 @@ def main() -> None:
             start = time.perf_counter()
             prune_causal_lm(model, calibration, method, None if pattern else float(target), pattern,
                             settings if refine else None)
+            seconds = time.perf_counter() - start
             cells.append(f"{perplexity(model, val):.2f}")
-            print(f"  ({label} {target}: pruned in {time.perf_counter() - start:.1f} s)", flush=True)
+            print(f"  {label} @ {target}: perplexity {cells[-1]} (pruned in {seconds:.1f} s)", flush=True)
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
 
 
