@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import yaml
 from effitrain.datamodules.algorithmic import AlgorithmicDataModule
-from effitrain.methods.quantization import load_quantized, quantize_model_rtn, save_quantized
+from effitrain.methods.gptq_format import load_quantized, save_quantized
+from effitrain.methods.quant_surgery import quantize_model_rtn
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
 
@@ -58,9 +59,10 @@ def main() -> None:
     fp = AutoModelForCausalLM.from_pretrained(args.fp, dtype=torch.float32)
     fp_ppl, fp_acc = evaluate(fp, loader)
     with tempfile.TemporaryDirectory() as tmp:
-        fp.half().save_pretrained(tmp)
+        # The fp16 size from a copy: casting `fp` itself to fp16 and back would round the weights that RTN
+        # and the table's other rows then quantize.
+        copy.deepcopy(fp).half().save_pretrained(tmp)
         fp16_size = file_size(Path(tmp))
-    fp.float()
     rows = [f"| FP (fp32 eval) | - | {fp_ppl:.3f} | {100 * fp_acc:.1f} | - | {fp16_size / 1024:.0f} KiB (fp16) |"]
     lines = ["| model | config | val ppl | val acc % | RTN gap recovered | size on disk |", "|---|---|---|---|---|---|"]
     for item in args.runs:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 
 import effitrain.models  # noqa: E402,F401  (registers illama_*)
 import timm
 import torch
 import torch.nn.functional as F
+from timing import timed
 
 SETTINGS = [("official", 0.0), ("official", 1.0), ("strict", 0.0), ("strict", 0.5)]
 
@@ -37,17 +37,6 @@ def make_step(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tenso
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def timed(step, steps: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -79,7 +68,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(args.rounds):
         for name, step in candidates.items():
-            times[name].append(timed(step, args.steps, device))
+            times[name].append(timed(step, device, calls=args.steps))
 
     print(f"device {device} ({torch.get_num_threads()} threads), {args.img_size} px, batch {args.batch_size}, "
           f"{'bf16 autocast' if args.amp else 'fp32'}, median of {args.rounds} rounds x {args.steps} steps")

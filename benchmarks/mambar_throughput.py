@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from contextlib import nullcontext
 
 import effitrain.models  # noqa: E402,F401  (registers mambar_* and illama_*)
 import timm
 import torch
 import torch.nn.functional as F
+from timing import timed
 
 MODELS = ["mambar_tiny_patch16_224", "illama_tiny_patch16_224", "vit_tiny_patch16_224"]
 
@@ -44,30 +44,25 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=args.device)
     y = torch.randint(0, 1000, (args.batch,), device=args.device)
     autocast = (torch.autocast(args.device, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext())
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
-    def train_step(name: str) -> float:
-        model, opt = nets[name], opts[name]
-        model.train()
-        sync()
-        t0 = time.perf_counter()
+    def train(name: str) -> None:
+        model, opt = nets[name].train(), opts[name]
         with autocast:
             loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync()
-        return time.perf_counter() - t0
 
     @torch.no_grad()
-    def infer_step(name: str) -> float:
-        model = nets[name].eval()
-        sync()
-        t0 = time.perf_counter()
+    def infer(name: str) -> None:
         with autocast:
-            model(x)
-        sync()
-        return time.perf_counter() - t0
+            nets[name].eval()(x)
+
+    def train_step(name: str) -> float:
+        return timed(lambda: train(name), args.device)
+
+    def infer_step(name: str) -> float:
+        return timed(lambda: infer(name), args.device)
 
     results = {}
     for kind, step in (("train", train_step), ("inference", infer_step)):

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 from effitrain.methods.mofo import MoFO, mofo_param_groups  # noqa: E402
+from timing import timed
 from transformers import LlamaConfig, LlamaForCausalLM
 
 SIZES = {  # name: (vocab, hidden, intermediate, layers, heads)
@@ -60,10 +60,9 @@ def time_steps(opts: dict[str, tuple[torch.optim.Optimizer, torch.nn.Module]], g
         for name, (opt, model) in opts.items():
             for p, gp in zip(model.parameters(), g, strict=True):
                 p.grad = gp
-            t0 = time.perf_counter()
-            opt.step()
+            seconds = timed(opt.step)
             if it >= warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

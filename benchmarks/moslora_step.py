@@ -17,48 +17,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from effitrain.methods.moslora import MoSLoraConfig
 from peft import LoraConfig, get_peft_model
+from timing import CLOCKS, interleaved_ratio
 from transformers import LlamaConfig, LlamaForCausalLM
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the paper's commonsense setting
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
-
-
-def timed(fn: Callable[[], None], device: str, clock: Callable[[], float]) -> float:
-    sync(device)
-    start = clock()
-    fn()
-    sync(device)
-    return clock() - start
-
-
-def interleaved_ratio(a: Callable[[], None], b: Callable[[], None], rounds: int, warmup: int, device: str,
-                      clock: Callable[[], float]) -> dict:
-    """Median over rounds of time(a) / time(b), the two run back to back in alternating order."""
-    for _ in range(warmup):
-        a(), b()
-    ratios, times_a, times_b = [], [], []
-    for i in range(rounds):
-        if i % 2 == 0:
-            ta, tb = timed(a, device, clock), timed(b, device, clock)
-        else:
-            tb, ta = timed(b, device, clock), timed(a, device, clock)
-        ratios.append(ta / tb), times_a.append(ta), times_b.append(tb)
-    return {"ratio": statistics.median(ratios), "ms_a": 1e3 * statistics.median(times_a),
-            "ms_b": 1e3 * statistics.median(times_b)}
 
 
 def train_step(model: torch.nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> Callable[[], None]:

@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 from effitrain.models.selective_scan import selective_scan, selective_scan_ref  # noqa: E402
+from timing import interleaved_medians
 
 try:
     from mambapy.pscan import pscan
@@ -161,18 +160,8 @@ def main() -> None:
             max(((x[k].grad.double() - leaves[k].grad).abs().max() / leaves[k].grad.abs().max()).item() for k in x),
         )
 
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    for fn in impls.values():  # warm-up
-        fwd_bwd(fn, inputs, grad_out)
-    for _ in range(args.repeats):
-        for name, fn in impls.items():
-            sync()
-            t0 = time.perf_counter()
-            fwd_bwd(fn, inputs, grad_out)
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    steps = {name: (lambda fn=fn: fwd_bwd(fn, inputs, grad_out)) for name, fn in impls.items()}
+    med = interleaved_medians(steps, rounds=args.repeats, device=args.device)
     mem = {name: (float("nan") if args.skip_memory else peak_memory_mb(name, args)) for name in impls}
 
     print(

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import timm
 import torch
 import torch.nn.functional as F
 from effitrain.methods.sparsity import prunable_layers, sparsify
+from timing import timed
 
 
 def step_fn(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor):
@@ -33,16 +33,6 @@ def step_fn(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor)
         optimizer.step()
 
     return step
-
-
-def timed(step, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:

@@ -34,13 +34,14 @@ def build(args) -> tuple[MemoryLM, torch.Tensor]:
         base = LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=768,
                                             num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512))
         source = "random tiny LLaMA"
-    model = MemoryLM(base, args.segment_length, args.memory_tokens, encoder_rank=16, encoder_alpha=32,
+    model = MemoryLM.from_base(base, args.segment_length, args.memory_tokens, encoder_rank=16, encoder_alpha=32,
                      transfer_rank=16, transfer_alpha=32).double()
-    if args.adapters and os.path.exists(args.adapters):
+    if args.adapters and os.path.exists(args.adapters):  # the trained LoRAs and <mem> of a UIO export
         from safetensors.torch import load_file
-        model.load_state_dict({k: v.double() for k, v in load_file(args.adapters).items()}, strict=False)
+        trained = {k: v.double() for k, v in load_file(args.adapters).items() if k in model.trainable_state_dict()}
+        model.load_state_dict(trained, strict=False)
         source += f" + {args.adapters}"
-    else:  # peft starts B at 0, which zeroes every encoder gradient: use a random point instead
+    else:  # LoRA starts B at 0, which zeroes every encoder gradient: use a random point instead
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
@@ -71,7 +72,7 @@ def encoder_grad(model: MemoryLM) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", default="artifacts/tiny_llama")
-    parser.add_argument("--adapters", default="artifacts/uio_passkey/uio_memory.safetensors")
+    parser.add_argument("--adapters", default="artifacts/uio_passkey/model.safetensors")
     parser.add_argument("--segments", type=int, default=8)
     parser.add_argument("--segment-length", type=int, default=64)
     parser.add_argument("--memory-tokens", type=int, default=8)

@@ -17,19 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from timing import peak_rss_mib, timed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(args) -> None:
@@ -41,22 +36,15 @@ def worker(args) -> None:
                          num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                          max_position_embeddings=max(args.length, 4096))
     base = LlamaForCausalLM(config).to(args.device).eval()
-    model = MemoryLM(base, args.segment_length, args.memory_tokens, encoder_rank=16, transfer_rank=16).to(args.device)
+    model = MemoryLM.from_base(base, args.segment_length, args.memory_tokens, encoder_rank=16, transfer_rank=16).to(args.device)
     ids = torch.randint(0, 4096, (1, args.length), device=args.device)
     run = (lambda: model.generate(ids, 1)) if args.model == "memory" else (lambda: base(ids, use_cache=True))
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     before = peak_rss_mib()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
-    times = []
     with torch.no_grad():
-        for _ in range(args.repeats + 1):
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            times.append(time.perf_counter() - start)
+        times = [timed(run, args.device) for _ in range(args.repeats + 1)]
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else peak_rss_mib())
     kv = model.last_cache_length if args.model == "memory" else args.length
     print(json.dumps({"time_s": statistics.median(times[1:]), "peak_mib": peak - before, "kv": kv}))

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from effitrain.callbacks.strategy_checks import refuse_sharded
 from effitrain.methods.sparsity import (
     global_sparsity,
     layer_sparsities,
@@ -26,6 +27,13 @@ from effitrain.methods.sparsity import (
 )
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
+
+SHARDED_WHY = (
+    "it recomputes each layer's magnitude mask (the top-(1-p) of |W| over the whole weight) in every forward, "
+    "and bakes the zeros into the weights at the end; a sharded strategy splits each weight across ranks (and "
+    "DeepSpeed into flat partitions), so the masks would be chosen per shard. Use DDP (configs/trainer/ddp.yaml): "
+    "each rank then holds whole weights and computes the same masks.")
 
 
 class DynamicSparsity(L.Callback):
@@ -41,7 +49,8 @@ class DynamicSparsity(L.Callback):
         bake_on_fit_end: at the end of fit, write the zeros into the weights and remove the masks.
 
     Raises:
-        ValueError: a sparsity outside [0, 1), ``exclude`` leaving no layer, or a checkpoint masking other layers.
+        ValueError: a sparsity outside [0, 1), ``exclude`` leaving no layer, a checkpoint masking other layers, or
+            a sharded strategy (FSDP2, FSDP, DeepSpeed), at ``setup``.
         AttributeError: ``module_attr`` is not an attribute of the LightningModule.
         KeyError: a ``layer_sparsities`` name that is not a layer of the network.
     """
@@ -78,9 +87,11 @@ class DynamicSparsity(L.Callback):
             raise ValueError(f"DynamicSparsity: no Conv2d/Linear layer left after exclude={self.exclude}.")
         return {name: self.sparsity for name in layers}
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # The masks are registered here, before the strategy wraps the model (DDP hooks the parameters
         # as they are then); later changes (a search result, a checkpoint) only change p_l in place.
+        refuse_sharded(trainer, "DynamicSparsity", SHARDED_WHY)
         net = self.network(pl_module)
         for name, p in (self.layer_sparsities or {}).items():  # fail before training on a wrong name or value
             if not 0.0 <= p < 1.0:
@@ -95,6 +106,7 @@ class DynamicSparsity(L.Callback):
         self._network = net
         rank_zero_info(f"DynamicSparsity: {len(plan)} layers, weight sparsity {global_sparsity(net, plan):.4f}")
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._restored is not None:  # resumed: the checkpoint's per-layer sparsities (e.g. a search result)
             unknown = set(self._restored) - set(layer_sparsities(self._network))
@@ -103,9 +115,11 @@ class DynamicSparsity(L.Callback):
                                  "does not; use the same `exclude` / `layer_sparsities` as the run that wrote it.")
             sparsify(self._network, self._restored, decay=self.decay)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.log("sparsity/weights", global_sparsity(self.network(pl_module)), rank_zero_only=True)
 
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.bake_on_fit_end:
             net = self.network(pl_module)
@@ -114,10 +128,12 @@ class DynamicSparsity(L.Callback):
             self._network = None
             rank_zero_info(f"DynamicSparsity: zeros baked into the weights, sparsity {reached:.4f}")
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self._network is not None:
             return {"layer_sparsities": layer_sparsities(self._network)}
         return {"layer_sparsities": self._restored or self.layer_sparsities}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict.get("layer_sparsities")

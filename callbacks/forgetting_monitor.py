@@ -17,16 +17,22 @@ pretrained θ0; this callback logs both sides of that claim during any fine-tuni
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
+from effitrain.callbacks.strategy_checks import refuse_sharded
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
+from typing_extensions import override
 
 
 def _lora_deltas(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,36 +60,49 @@ class ForgettingMonitor(Callback):
     ``pl_module(batch)``; when the output has ``logits`` and the batch ``labels``, token-level
     perplexity comes from ``torchmetrics.text.Perplexity`` (next-token, ``-100`` ignored); otherwise
     the output's ``loss`` (or the output itself, a scalar) is averaged and ppl = exp(loss). Every rank
-    evaluates the same batches (no collectives). The results are also kept in ``history``; θ0 and the
-    history are in ``state_dict``, so a resumed run keeps measuring from the original θ0.
+    evaluates the same batches (no collectives). The results are also kept in ``history``.
+
+    θ0 (an fp32 copy of the weights that can move) is written once to a safetensors file and read back one
+    tensor at a time when measuring, so it costs no memory between measurements and checkpoints hold only
+    its path (at 7B the copy is ~28 GB: every checkpoint would otherwise carry it). A resumed run finds it
+    there and keeps measuring from the original θ0.
 
     Args:
         reference_data: held-out data of the pretraining domain: a LightningDataModule (its
             ``val_dataloader()``) or a DataLoader.
         every_n_steps: evaluation interval in optimizer steps (0: only at start and end).
         max_batches: batches per evaluation (``None``: the whole loader).
-        track_distance: keep θ0 (one fp32 copy of the trainable weights) and log the relative distance.
+        track_distance: keep θ0 (one fp32 copy of the trainable weights, on disk) and log the relative distance.
+        reference_path: the safetensors file of θ0 (``None``: ``<default_root_dir>/forgetting_theta0.safetensors``).
 
     Raises:
-        ValueError: on a negative interval or a non-positive ``max_batches``; when the data gives no batch.
+        ValueError: on a negative interval or a non-positive ``max_batches``; when the data gives no batch;
+            with ``track_distance`` under a sharded strategy (FSDP2, FSDP, DeepSpeed), at ``setup``.
+        FileNotFoundError: a resumed run whose θ0 file is gone.
     """
 
     def __init__(self, reference_data: L.LightningDataModule | DataLoader, every_n_steps: int = 50,
-                 max_batches: int | None = 16, track_distance: bool = True) -> None:
+                 max_batches: int | None = 16, track_distance: bool = True,
+                 reference_path: str | None = None) -> None:
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (0: only at start and end), got {every_n_steps}")
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be >= 1 or None (all batches), got {max_batches}")
         self.reference_data, self.every_n_steps = reference_data, every_n_steps
-        self.max_batches, self.track_distance = max_batches, track_distance
+        self.max_batches, self.track_distance, self.reference_path = max_batches, track_distance, reference_path
         self.history: list[dict[str, float]] = []
-        self._theta0: dict[str, torch.Tensor] | None = None
+        self._theta0: dict[str, torch.Tensor] | str | None = None  # in memory, or the path of its file
         self._theta0_norm: float | None = None
         self._loader: DataLoader | None = None
         self._last_step = -1
 
     # ------------------------------------------------------------------------------------------ setup
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.track_distance:
+            refuse_sharded(trainer, "ForgettingMonitor(track_distance=True)",
+                           "θ0 is copied from whole weights on each rank, and a sharded strategy splits them. Set "
+                           "`track_distance: false` to log the reference loss only, or use DDP.")
         if stage != "fit" or self._loader is not None:
             return
         data = self.reference_data
@@ -94,18 +113,30 @@ class ForgettingMonitor(Callback):
         else:
             self._loader = data
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.track_distance and self._theta0 is None:  # not restored from a checkpoint
-            self._theta0, self._theta0_norm = self._snapshot(pl_module)
+            theta0, self._theta0_norm = self._snapshot(pl_module)
+            path = self.reference_path or os.path.join(trainer.default_root_dir, "forgetting_theta0.safetensors")
+            if trainer.is_global_zero:  # every rank holds the same weights: one writer
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                save_file({n: t.cpu().contiguous() for n, t in theta0.items()}, path)
+            trainer.strategy.barrier("forgetting_theta0")
+            self._theta0 = path
+        elif isinstance(self._theta0, str) and not os.path.exists(self._theta0):
+            raise FileNotFoundError(f"ForgettingMonitor: the θ0 file {self._theta0} of the resumed run is gone; it "
+                                    "is written once at the start of the original run (see `reference_path`).")
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
             self._evaluate(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step != self._last_step:
             self._evaluate(trainer, pl_module)
@@ -134,11 +165,20 @@ class ForgettingMonitor(Callback):
             return float("nan")
         weights = self._weights(pl_module)
         sq = 0.0
-        for n, p0 in self._theta0.items():
+        for n, p0 in self._reference_tensors():
             sq += float((weights[n].detach().float() - p0.to(weights[n].device)).pow(2).sum())
         for delta in _lora_deltas(pl_module).values():
             sq += float(delta.pow(2).sum())
         return math.sqrt(sq) / self._theta0_norm
+
+    def _reference_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """θ0 one tensor at a time (from its file, memory-mapped by safetensors)."""
+        if isinstance(self._theta0, dict):
+            yield from self._theta0.items()
+            return
+        with safe_open(self._theta0, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is no dict
+                yield name, f.get_tensor(name)
 
     @torch.no_grad()
     def reference_loss(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[float, float]:
@@ -185,10 +225,14 @@ class ForgettingMonitor(Callback):
             logger.log_metrics({k: v for k, v in record.items() if k != "step"}, step=trainer.global_step)
 
     # ----------------------------------------------------------------------------------------- resume
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "theta0": self._theta0, "theta0_norm": self._theta0_norm,
+        # the path of θ0's file, not the tensors (a copy of the model in every checkpoint)
+        theta0 = self._theta0 if isinstance(self._theta0, str) or self._theta0 is None else dict(self._theta0)
+        return {"history": list(self.history), "theta0": theta0, "theta0_norm": self._theta0_norm,
                 "last_step": self._last_step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
         self._theta0, self._theta0_norm = state_dict["theta0"], state_dict["theta0_norm"]

@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 SCHEDULES = ("linear", "constant")
 
@@ -36,7 +37,7 @@ class SoftCausalMask(Callback):
 
     Works with any model that has modules exposing a float ``attribute`` (``soft_mask_rate`` by default,
     1 = bidirectional, 0 = causal), e.g. ``timm.create_model('illama_tiny_patch16_224')`` after
-    ``import models``. The rate is a deterministic function of ``trainer.global_step``, so every DDP rank
+    ``import effitrain.models``. The rate is a deterministic function of ``trainer.global_step``, so every DDP rank
     agrees without communication, and gradient accumulation keeps one rate per optimizer step. Validation
     uses the rate of the last step, as the official code does. The resolved schedule length is saved in the
     checkpoint, so a resumed run continues the same schedule (even with another number of devices).
@@ -74,19 +75,21 @@ class SoftCausalMask(Callback):
         self.rate: float | None = None
         self._targets: list[nn.Module] = []
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._targets = [m for m in pl_module.modules() if isinstance(getattr(m, self.attribute, None), (int, float))
                          and not isinstance(getattr(m, self.attribute), bool)]
         if not self._targets:
             raise ValueError(f"SoftCausalMask found no module of {type(pl_module).__name__} with a float "
                              f"`{self.attribute}` attribute. Use a model that exposes it (e.g. "
-                             "`illama_tiny_patch16_224` after `import models`) or set `attribute`.")
+                             "`illama_tiny_patch16_224` after `import effitrain.models`) or set `attribute`.")
 
     def _apply(self, rate: float) -> None:
         self.rate = rate
         for module in self._targets:
             setattr(module, self.attribute, rate)
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # before the sanity check: the restored rate on resume, else the rate of step 0
         if self.rate is not None:
@@ -96,6 +99,7 @@ class SoftCausalMask(Callback):
         else:
             self._apply(self.start if self.cutoff_epochs > 0 else 0.0)
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.cutoff_steps is None:
             batches = trainer.num_training_batches
@@ -110,14 +114,17 @@ class SoftCausalMask(Callback):
                            f"{int(total)}, so it ends with {self.attribute} > 0 while a reloaded model starts at 0. "
                            "Shorten the cutoff or train longer.")
 
+    @override
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._apply(soft_mask_rate_at(trainer.global_step, self.cutoff_steps, self.schedule, self.start))
         if self.log:
             pl_module.log(f"train/{self.attribute}", self.rate, on_step=True, on_epoch=False)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"cutoff_steps": self.cutoff_steps, "rate": self.rate}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.cutoff_steps, self.rate = state_dict["cutoff_steps"], state_dict["rate"]

@@ -20,9 +20,11 @@ from typing import Any
 import lightning as L
 import torch
 from effitrain.callbacks.progress import StageProgress
+from effitrain.callbacks.strategy_checks import refuse_sharded
 from effitrain.methods.sparsity import calibrated_accuracy, evolutionary_search, layer_sparsities, sparsify
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 
 class _FirstBatches:
@@ -54,7 +56,7 @@ class SparsitySearch(L.Callback):
     Raises:
         ValueError: bad search settings; no masked layer at the start of fit (add ``DynamicSparsity``, which
             says which layers are sparse); SyncBatchNorm (the recalibration runs on one rank and must not
-            reach a collective).
+            reach a collective); a sharded strategy (FSDP2, FSDP, DeepSpeed), at ``setup``.
     """
 
     def __init__(self, target: float = 0.9, delta: float = 0.05, population_size: int = 25, generations: int = 25,
@@ -85,7 +87,11 @@ class SparsitySearch(L.Callback):
                                  f"{self.module_attr!r}; set `module_attr` to the attribute holding the network.")
         return net
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        refuse_sharded(trainer, "SparsitySearch", "it evaluates candidate sparsity plans on rank 0 with whole weights "
+                       "(masks by magnitude over each full layer, BatchNorm recalibration) and broadcasts the result; "
+                       "a sharded strategy splits the weights across ranks. Use DDP (configs/trainer/ddp.yaml).")
         net = self._network(pl_module)
         if stage == "fit" and any(isinstance(m, nn.SyncBatchNorm) for m in net.modules()):
             raise ValueError("SparsitySearch recalibrates BatchNorm on rank 0 only, which SyncBatchNorm would turn "
@@ -130,6 +136,7 @@ class SparsitySearch(L.Callback):
                        f"best calibration top-1 {found.fitness:.4f}")
         return dict(zip(names, found.sparsities, strict=True)), found.fitness
 
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         net = self._network(pl_module)
         if not layer_sparsities(net):  # the same on every rank: no rank reaches the broadcast alone
@@ -140,8 +147,10 @@ class SparsitySearch(L.Callback):
             self.result, self.fitness = trainer.strategy.broadcast(found, src=0)
         sparsify(net, self.result, decay=None)  # in place: p_l only
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"layer_sparsities": self.result, "fitness": self.fitness}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.result, self.fitness = state_dict.get("layer_sparsities"), state_dict.get("fitness")

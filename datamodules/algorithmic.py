@@ -18,7 +18,8 @@ import string
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerFast
 
 BOS, SEP, PAD = "<bos>", "|", "<pad>"
@@ -146,10 +147,11 @@ class AlgorithmicDataModule(L.LightningDataModule):
         self.train_set = TaskStrings(self.task, self.train_size, self.length, self.num_symbols, self.seed)
         self.val_set = TaskStrings(self.task, self.val_size, self.length, self.num_symbols, self.seed + 1)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True)
+    def train_dataloader(self) -> StatefulDataLoader:
+        # resumable: Lightning saves the loader's position, so a resumed run sees the same batches
+        return StatefulDataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size)
+    def val_dataloader(self) -> StatefulDataLoader:
+        return StatefulDataLoader(self.val_set, batch_size=self.batch_size)
 
     test_dataloader = val_dataloader

@@ -40,7 +40,11 @@ def load_records(source: str, split: str = "train"):
         if not files:
             raise ValueError(f"{source!r} holds no .jsonl/.json/.parquet records.")
         builder = RECORD_SUFFIXES[Path(files[0]).suffix]
-        return datasets.load_dataset(builder, data_files=files, split="train")
+        try:
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as err:  # datasets reports neither the file nor the line
+            diagnose_records(files)
+            raise ValueError(f"Could not read the records of {source!r} ({type(err).__name__}: {err}).") from None
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as err:  # datasets raises many types for a missing/unreachable dataset
@@ -49,6 +53,40 @@ def load_records(source: str, split: str = "train"):
             f"(no network, or no such dataset/split {split!r}). Give a local file or folder, or 'builtin'. "
             f"({type(err).__name__}: {err})"
         ) from None
+
+
+def diagnose_records(files: list[str]) -> None:
+    """Raise ``ValueError`` naming the first malformed file (and line, for JSON Lines) among ``files``."""
+    import json
+
+    for name in files:
+        path = Path(name)
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                pq.read_metadata(path)
+            except Exception as err:
+                raise ValueError(f"{path} is not a valid Parquet file ({err}). Rewrite it, or remove it from the "
+                                 "data folder.") from None
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:  # a .json file may hold one JSON document rather than lines
+            json.loads(text)
+            continue
+        except json.JSONDecodeError:
+            pass
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}). Each line "
+                                 "of a .jsonl file must be one JSON object; fix or remove that line.") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object with a text "
+                                 "field. Each line of a .jsonl file must be one JSON object.")
 
 
 def load_documents(source: str, split: str = "train", text_column: str = "text") -> list[str]:

@@ -3,20 +3,31 @@
 Any peft config given in YAML (`peft.LoraConfig`, `effitrain.methods.moslora.MoSLoraConfig`, LoRA with
 `use_dora: true`, ...) is applied with `get_peft_model`, so only the adapter's parameters require grad and
 reach the optimizer (`TrainModule.param_groups`). Lightning checkpoints keep only those trainable tensors
-(the frozen base is rebuilt from `pretrained` at resume, hence `strict_loading = False`). At the end of
+(`TrainModule.checkpoint_trainable_only`: the frozen base is rebuilt from `pretrained` at resume). At the end of
 `fit` the recipe writes a peft adapter folder to `export_dir` and, with `merged_dir`, a plain model folder
 with every adapter merged (W0 + ΔW) that transformers / timm load without peft.
+
+A MoSLoRA adapter is exported as its exact plain-LoRA fold (A' = M·A, B·M·A = B·A'), which every LoRA loader
+reads (`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM`, transformers' `from_pretrained`), and, to train
+on, in its native form under `<export_dir>/moslora`, marked so that those loaders refuse it
+(`effitrain.methods.moslora.load_moslora` reads it).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from effitrain.methods.moslora import is_moslora_model, save_as_plain_lora
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
+
+#: Sub-folder of `export_dir` with the native MoSLoRA adapter (mixers kept, for further training)
+NATIVE_MOSLORA_DIR = "moslora"
 
 
 def attach_adapter(model: nn.Module, adapter: PeftConfig) -> PeftModel:
@@ -37,10 +48,6 @@ def adapter_hparams(adapter: PeftConfig) -> dict[str, Any]:
     init_args = json.loads(json.dumps(adapter.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
     init_args.pop("peft_type", None)
     return {"class_path": f"{type(adapter).__module__}.{type(adapter).__qualname__}", "init_args": init_args}
-
-
-def trainable_names(module: nn.Module) -> set[str]:
-    return {name for name, param in module.named_parameters() if param.requires_grad}
 
 
 @torch.no_grad()
@@ -87,6 +94,7 @@ class AdapterMixin:
 
     model: PeftModel
     export_kind = "adapter"
+    checkpoint_trainable_only = True  # the frozen base is rebuilt from `pretrained` at resume
 
     def written_outputs(self) -> dict[str, str]:
         outputs = super().written_outputs()  # the adapter folder (export_dir)
@@ -97,31 +105,22 @@ class AdapterMixin:
         if "adapter" in self.hparams:  # save_hyperparameters of the base recipe collected the config object
             self.hparams["adapter"] = adapter_hparams(adapter)
         self.merged_dir = merged_dir
-        self.strict_loading = False  # checkpoints hold only the trainable tensors
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        keep = trainable_names(self)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        super().on_save_checkpoint(checkpoint)
+    def exports(self) -> list[tuple[str, Callable[[Path], None]]]:
+        merged = [(self.merged_dir, self.save_merged)] if self.merged_dir else []
+        return [*super().exports(), *merged]
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        missing = trainable_names(self) - checkpoint["state_dict"].keys()
-        if missing:
-            raise KeyError(f"The checkpoint lacks {len(missing)} adapter tensors (e.g. {sorted(missing)[0]}): it was "
-                           "not written by this adapter recipe with the same `adapter` config.")
-        super().on_load_checkpoint(checkpoint)
+    def save_export(self, folder: Path) -> None:
+        """A peft adapter folder (adapter_config.json + adapter_model.safetensors) that plain LoRA loaders read,
+        and the data's tokenizer; for MoSLoRA the exact plain-LoRA fold, plus the native form in
+        `<folder>/moslora` (to resume training)."""
+        if is_moslora_model(self.model):
+            save_as_plain_lora(self.model, folder)
+            self.model.save_pretrained(str(Path(folder) / NATIVE_MOSLORA_DIR))
+        else:
+            self.model.save_pretrained(folder)
+        self.save_tokenizer(folder)
 
-    def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero:
-            if self.export_dir:
-                self.export(self.export_dir)
-            if self.merged_dir:
-                self.export_merged(self.merged_dir)
-
-    def export(self, directory: str) -> None:
-        """A peft adapter folder (adapter_config.json + adapter_model.safetensors)."""
-        self.model.save_pretrained(directory)
-
-    def export_merged(self, directory: str) -> None:
+    def save_merged(self, folder: Path) -> None:
         """A folder of the merged model that its library loads without peft (recipe-specific)."""
         raise NotImplementedError

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
 from effitrain.lightning_modules.adapter import AdapterMixin, merged_state_dict
-from effitrain.lightning_modules.causal_lm import CausalLM
+from effitrain.lightning_modules.causal_lm import CausalLM, align_with_tokenizer
 from peft import PeftConfig
 
 
@@ -25,13 +27,15 @@ class AdapterCausalLM(AdapterMixin, CausalLM):
 
     def __init__(self, adapter: PeftConfig, merged_dir: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
+        if isinstance(adapter, PeftConfig) and adapter.task_type is None:
+            # saved in adapter_config.json: AutoPeftModelForCausalLM needs it to pick the model class
+            adapter = copy.copy(adapter)
+            adapter.task_type = "CAUSAL_LM"
         self._init_adapter(adapter, merged_dir)
 
-    def export(self, directory: str) -> None:
-        CausalLM.export(self, directory)  # PeftModel.save_pretrained writes the adapter; plus the tokenizer
-
-    def export_merged(self, directory: str) -> None:
-        self.model.get_base_model().save_pretrained(directory, state_dict=merged_state_dict(self.model))
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
+    def save_merged(self, folder: Path) -> None:
+        tokenizer = self.data_tokenizer()
         if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+            align_with_tokenizer(self.model.get_base_model(), tokenizer)
+        self.model.get_base_model().save_pretrained(folder, state_dict=merged_state_dict(self.model))
+        self.save_tokenizer(folder)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -29,10 +30,10 @@ class AdapterImageClassifier(AdapterMixin, ImageClassifier):
         super().__init__(**kwargs)
         self._init_adapter(adapter, merged_dir)
 
-    def export_merged(self, directory: str) -> None:
+    def save_merged(self, folder: Path) -> None:
         from timm.models import save_for_hf
 
         model_kwargs = self.hparams.get("model_kwargs") or {}
         plain = timm.create_model(self.hparams.model_name, num_classes=self.num_classes, **model_kwargs)
         plain.load_state_dict(merged_state_dict(self.model))
-        save_for_hf(plain, directory, model_config={"model_kwargs": model_kwargs}, safe_serialization=True)
+        save_for_hf(plain, folder, model_config={"model_kwargs": model_kwargs}, safe_serialization=True)

@@ -6,25 +6,38 @@ import re
 from pathlib import Path
 
 from effitrain.lightning_modules.config_files import CONFIG_ROOT
+from effitrain.lightning_modules.integrity import verify_folder
+
+_EXPORT_DIR = re.compile(r"export_dir:\s*['\"]?([^\s'\"#]+)")
+_ARTIFACT = re.compile(r"['\"]?(artifacts/[\w./-]+)")
+
+
+def exported_paths(config_text: str) -> set[str]:
+    """The folders a config writes (its ``export_dir`` values), read from the YAML text."""
+    return {match.rstrip("/") for match in _EXPORT_DIR.findall(config_text)}
+
+
+def consumed_artifacts(config_text: str) -> set[str]:
+    """The ``artifacts/...`` folders a config reads: every one it names that it does not write itself."""
+    return {match.rstrip("/") for match in _ARTIFACT.findall(config_text)} - exported_paths(config_text)
 
 
 def producing_configs(path: str) -> list[str]:
     """The configs whose ``export_dir`` is ``path`` (scanned as text: no config is instantiated)."""
     wanted = Path(path).as_posix().rstrip("/")
-    found = []
-    for config in sorted(CONFIG_ROOT.rglob("*.yaml")):
-        for match in re.finditer(r"export_dir:\s*['\"]?([^\s'\"#]+)", config.read_text()):
-            if match.group(1).rstrip("/") == wanted:
-                found.append(config.relative_to(CONFIG_ROOT.parent).as_posix())
-    return found
+    return [config.relative_to(CONFIG_ROOT.parent).as_posix() for config in sorted(CONFIG_ROOT.rglob("*.yaml"))
+            if wanted in exported_paths(config.read_text())]
 
 
 def require_local_model(path: str, what: str = "starting model") -> None:
-    """Fail with the command that makes ``path`` when a local model folder is missing."""
+    """Fail with the command that makes ``path`` when a local model folder is missing, or naming the damaged
+    file when its content differs from the checksums recorded at export (``effitrain_run.json``)."""
     if Path(path).expanduser().exists():
+        verify_folder(path)
         return
     makers = producing_configs(path)
-    hint = (f"Make it first: `python train.py fit --config {makers[0]}`." if makers
+    hint = (f"Make it first: `effitrain fit --config {makers[0]}` (in a checkout: `python train.py fit --config "
+            f"{makers[0]}`)." if makers
             else "Give an existing folder or a hub name.")
     raise MissingArtifactError(f"The {what} {path!r} does not exist. {hint}")
 

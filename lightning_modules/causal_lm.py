@@ -1,12 +1,15 @@
 """Causal language modelling with any transformers ``AutoModelForCausalLM``: pretraining or full fine-tuning.
 
 The quickstart pretrains a tiny LLaMA on the built-in corpus and writes it with ``save_pretrained`` so that
-method recipes can start from it (``pretrained: artifacts/tiny_llama``).
+method recipes can start from it (``pretrained: artifacts/tiny_llama``). The written ``config.json`` and
+``generation_config.json`` name the tokenizer's BOS/EOS/pad ids and the tokenizer's ``model_max_length`` is the
+model's context, so that ``generate()`` and ``pipeline("text-generation")`` stop at the tokenizer's EOS.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +19,14 @@ from effitrain.methods.task_metrics import generation_scores
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from typing_extensions import override
 
 #: The quickstart's tiny LLaMA (5.5M parameters): widths are multiples of 128 so that group-wise
 #: quantization with g = 64 or 128 divides every Linear.
@@ -44,6 +54,30 @@ def load_causal_lm(pretrained: str | None, config: dict | None = None, trust_rem
                          f"be fetched from the hub (no network, or no such model). ({err})") from None
 
 
+def align_with_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make the model's config and generation config name the tokenizer's BOS/EOS/pad ids (a fresh
+    ``LlamaConfig`` says bos=1, eos=2, which are other tokens of a tokenizer trained here), and set the
+    tokenizer's ``model_max_length`` to the model's context (``max_position_embeddings``)."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None:
+            for key, value in ids.items():
+                setattr(config, key, value)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        tokenizer.model_max_length = context
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of a transformers model (also inside a peft wrapper) whose class it lists in
+    ``_no_split_modules``: the decoder layers (``LlamaDecoderLayer``, ...)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 class CausalLM(TrainModule):
     """Train a causal LM on batches of ``input_ids``/``labels`` (-100 = ignored).
 
@@ -59,13 +93,17 @@ class CausalLM(TrainModule):
         task_max_new_tokens: the longest generated answer.
     """
 
+    #: the task metric's settings change what is logged, not the model: a resume may change them
+    run_args = TrainModule.run_args + ("task_eval_size", "task_max_new_tokens")
+
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  trust_remote_code: bool = False, dtype: str | None = None, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None, task_eval_size: int = 32, task_max_new_tokens: int = 24):
-        super().__init__(optimizer, lr_scheduler, export_dir)
+                 export_dir: str | None = None, overwrite_export: bool = False, task_eval_size: int = 32,
+                 task_max_new_tokens: int = 24):
+        super().__init__(optimizer, lr_scheduler, export_dir, overwrite_export)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.model = load_causal_lm(pretrained, config, trust_remote_code, dtype).train()  # from_pretrained gives eval()
+        self.model = self.load_model(pretrained, config, trust_remote_code, dtype).train()  # from_pretrained gives eval()
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.val_ppl = Perplexity(ignore_index=-100)
@@ -75,6 +113,11 @@ class CausalLM(TrainModule):
             raise ValueError(f"task_eval_size must be >= 0 and task_max_new_tokens >= 1, got {task_eval_size} "
                              f"and {task_max_new_tokens}.")
         self.task_eval_size, self.task_max_new_tokens = task_eval_size, task_max_new_tokens
+
+    def load_model(self, pretrained: str | None, config: dict[str, Any] | None, trust_remote_code: bool,
+                   dtype: str | None) -> PreTrainedModel:
+        """The model to train; a subclass that reads another format overrides this."""
+        return load_causal_lm(pretrained, config, trust_remote_code, dtype)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -88,6 +131,13 @@ class CausalLM(TrainModule):
         if tokenizer is not None and len(tokenizer) > vocab:
             raise ValueError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab}: "
                              "use the model's own tokenizer, or a matching `vocab_size`.")
+        if tokenizer is not None:
+            align_with_tokenizer(self.model, tokenizer)
+
+    @override
+    def shard_blocks(self) -> list[torch.nn.Module]:
+        """The decoder layers: the classes transformers itself keeps whole (``_no_split_modules``)."""
+        return decoder_blocks(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -97,9 +147,11 @@ class CausalLM(TrainModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
+    @override
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens_per_s", tokens / (time.perf_counter() - self._batch_start))
@@ -126,19 +178,19 @@ class CausalLM(TrainModule):
                                    self.task_max_new_tokens)
         self.log_dict({f"val/{name}": value for name, value in scores.items()}, prog_bar=True)
 
+    @override
     def on_fit_start(self) -> None:
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
+        super().on_fit_start()
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
-        if tokenizer is not None and self.trainer.is_global_zero and log_dir:
-            tokenizer.save_pretrained(f"{log_dir}/tokenizer")
+        if self.trainer.is_global_zero and log_dir:
+            self.save_tokenizer(f"{log_dir}/tokenizer")
 
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
-
-    def export(self, directory: str) -> None:
-        """Write the model (safetensors) and the data's tokenizer as a folder ``from_pretrained`` loads."""
-        self.model.save_pretrained(directory, safe_serialization=True)
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
+    @override
+    def save_export(self, folder: Path) -> None:
+        """The model (safetensors) and the data's tokenizer, as a folder ``from_pretrained`` loads, with the
+        model's BOS/EOS/pad ids and the tokenizer's context aligned (:func:`align_with_tokenizer`)."""
+        tokenizer = self.data_tokenizer()
         if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+            align_with_tokenizer(self.model, tokenizer)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.save_tokenizer(folder)

@@ -15,13 +15,18 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
+from typing import NoReturn
 
 import lightning as L
+import yaml
 from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
+from effitrain.callbacks.last_checkpoint import LastCheckpoint
 from effitrain.callbacks.model_summary import RunModelSummary
 from effitrain.callbacks.progress import StepProgressBar
 from effitrain.callbacks.run_summary import RunSummary
 from effitrain.lightning_modules.artifacts import consuming_configs
+from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.config_files import (
     DEFAULT_TRAINER_CONFIG,
     format_recipe_catalog,
@@ -29,6 +34,7 @@ from effitrain.lightning_modules.config_files import (
     resolve_config_args,
 )
 from effitrain.lightning_modules.console import quiet_known_warnings
+from effitrain.lightning_modules.resume import check_same_recipe, load_checkpoint, resolve_ckpt_path
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -39,6 +45,7 @@ from typing_extensions import override
 
 FORCED_CALLBACKS = {
     "checkpoint": ModelCheckpoint,
+    "last_checkpoint": LastCheckpoint,
     "progress_bar": StepProgressBar,
     "model_summary": RunModelSummary,
     "lr_monitor": LearningRateMonitor,
@@ -57,7 +64,7 @@ def _switched_off(trainer: dict) -> set[str]:
     if trainer.get("enable_progress_bar") is False:
         off.add("progress_bar")
     if trainer.get("enable_checkpointing") is False:
-        off.add("checkpoint")
+        off |= {"checkpoint", "last_checkpoint"}
     if trainer.get("enable_model_summary") is False:
         off.add("model_summary")
     if trainer.get("logger") is False:  # LearningRateMonitor needs a logger
@@ -65,7 +72,49 @@ def _switched_off(trainer: dict) -> set[str]:
     return off
 
 
+class EffitrainParser(LightningArgumentParser):
+    """Parser errors print the message first and a two-line usage, not the full option list."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"error: {message}\nusage: {prog} --config RECIPE [--section.key=value ...]   "
+                         f"(every option: {prog} --help)\n")
+        sys.exit(2)
+
+
+def _checkpoint_dir(config) -> str:
+    return os.path.join(config.trainer.default_root_dir or ".", "checkpoints")
+
+
 class EffitrainCLI(LightningCLI):
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` against the command line's recipe instead of Lightning's default, which takes
+        the model's class and arguments from the checkpoint over the command line's (Lightning 2.5/2.6;
+        tests/test_cli_resume.py names it). The command line's config is kept as given."""
+        if not self.config.get("subcommand"):
+            return
+        config = self.config[self.config.subcommand]
+        if not config.get("ckpt_path"):
+            return
+        path = resolve_ckpt_path(config.ckpt_path, (config.get("checkpoint") or {}).get("dirpath")
+                                 or _checkpoint_dir(config))
+        if path is None:
+            return
+        config.ckpt_path = path
+        checkpoint = load_checkpoint(path)
+        dump = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        model = dump[self.config.subcommand]["model"]
+        class_path = model["class_path"]
+        module, _, name = class_path.rpartition(".")
+        model_class = getattr(__import__(module, fromlist=[name]), name, None)
+        run_args = getattr(model_class, "run_args", TrainModule.run_args)
+        check_same_recipe(checkpoint, path, class_path, model.get("init_args") or {}, run_args)
+
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key, callback in FORCED_CALLBACKS.items():
@@ -76,9 +125,9 @@ class EffitrainCLI(LightningCLI):
         # A fixed checkpoint folder per run root, so `--ckpt_path last` finds the previous run's last.ckpt
         # (the logger's version folder changes on every launch).
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if config.get("checkpoint") is not None and config.checkpoint.dirpath is None:
-            root = config.trainer.default_root_dir or "."
-            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        for key in ("checkpoint", "last_checkpoint"):
+            if config.get(key) is not None and config[key].dirpath is None:
+                config[key].dirpath = (config.get("checkpoint") or {}).get("dirpath") or _checkpoint_dir(config)
 
     @override
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
@@ -132,17 +181,20 @@ def import_recipe_classes() -> None:
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> EffitrainCLI:
-    """The CLI object (tests and notebooks use this; the console script uses :func:`main`)."""
+    """The CLI object (tests and notebooks use this; the console script uses :func:`main`).
+
+    ``args`` default to the command line (``sys.argv[1:]``), with each ``--config`` name resolved.
+    """
     quiet_known_warnings()
     import_recipe_classes()
-    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+    if args is None:  # resolved in place: LightningCLI warns when given `args` beside a command line
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     else:
         args = resolve_config_args(list(args))
     catalog = format_recipe_catalog()
     return EffitrainCLI(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True}, parser_class=EffitrainParser,
         parser_kwargs={"formatter_class": _HelpFormatter,  # subcommand parsers take the main parser's
                        **{cmd: {"default_config_files": [str(DEFAULT_TRAINER_CONFIG)], "epilog": catalog}
                           for cmd in ("fit", "validate", "test", "predict")}},
@@ -150,19 +202,27 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> EffitrainCLI:
     )
 
 
-def main(args: list[str] | None = None) -> None:
-    """The ``effitrain`` console script: exit status 0 on success; a missing input ends with one message.
+#: Errors about the user's input or run, reported as one message (``EFFITRAIN_TRACEBACK=1`` shows the traceback).
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, FloatingPointError)
 
-    ``effitrain recipes`` lists the packaged recipes; every other command goes to the LightningCLI.
-    """
+
+def main(args: list[str] | None = None) -> None:
+    """The ``effitrain`` console script: exit status 0 on success; a bad input or a failed run ends with one
+    message (printed once, with no traceback). ``effitrain recipes`` lists the packaged recipes."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] in (["recipes"], ["list"]):
         print(format_recipe_catalog())
         return
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # args is sys.argv
     try:
         build_cli(args)
-    except FileNotFoundError as err:  # a missing starting model (MissingArtifactError) or data path
-        sys.exit(f"error: {err}")
+    except USER_ERRORS as err:
+        if os.environ.get("EFFITRAIN_TRACEBACK"):
+            raise
+        while isinstance(err.__cause__, USER_ERRORS):  # the constructor's own error, not the parser's wrapper
+            err = err.__cause__
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

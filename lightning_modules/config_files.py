@@ -12,26 +12,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
+
+
+class AmbiguousConfigName(ValueError):
+    """A ``--config`` name that matches several packaged configs."""
+
 DEFAULT_TRAINER_CONFIG = CONFIG_ROOT / "trainer" / "default.yaml"
 
 
 def resolve_config(name: str) -> str:
     """A ``--config`` value as a file path: an existing path as given, else the packaged config of that name.
 
-    ``quickstart``, ``quickstart.yaml`` and ``configs/pretrain/quickstart.yaml`` (run outside a checkout) all name
-    the packaged ``quickstart.yaml``. Anything else is returned unchanged, for the parser to report.
+    ``quickstart``, ``quickstart.yaml``, ``pretrain/quickstart`` and ``configs/pretrain/quickstart.yaml`` (run
+    outside a checkout) all name the packaged ``pretrain/quickstart.yaml``; a bare name is searched in every
+    method folder (``mofo``, ``full/mofo_llama2_7b_metamath``). Anything else is returned unchanged, for the
+    parser to report.
+
+    Raises:
+        AmbiguousConfigName: a bare name that matches several packaged configs (the message lists them).
     """
     if Path(name).expanduser().exists() or name.lstrip().startswith(("{", "[")):  # a file, or inline YAML
         return name
     relative = name.removeprefix("configs/")
-    for candidate in (relative, f"{relative}.yaml"):
-        packaged = CONFIG_ROOT / candidate
-        if packaged.is_file():
-            return str(packaged)
-    # A recipe's file name, or the end of its path (full/mofo_llama2_7b_metamath), if only one recipe matches.
-    wanted = "/" + relative.removesuffix(".yaml")
-    matches = [p for p in packaged_recipes() if ("/" + p.relative_to(CONFIG_ROOT).with_suffix("").as_posix()).endswith(wanted)]
-    return str(matches[0]) if len(matches) == 1 else name
+    if not relative or relative.startswith(("/", ".", "~")):
+        return name
+    file = relative if relative.endswith((".yaml", ".yml")) else f"{relative}.yaml"
+    packaged = CONFIG_ROOT / file
+    if packaged.is_file():
+        return str(packaged)
+    found = sorted(CONFIG_ROOT.rglob(file))
+    if len(found) > 1:
+        names = ", ".join(p.relative_to(CONFIG_ROOT).with_suffix("").as_posix() for p in found)
+        raise AmbiguousConfigName(f"--config {name!r} names several packaged configs ({names}); give one of these.")
+    return str(found[0]) if found else name
 
 
 def resolve_config_args(args: list[str]) -> list[str]:

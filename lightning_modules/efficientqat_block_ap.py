@@ -22,7 +22,6 @@ and ``block_ap_stats.json`` (per block: MSE at min/max init, i.e. round-to-neare
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 from effitrain.callbacks.progress import stage_progress
 from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.causal_lm import load_causal_lm
+from effitrain.lightning_modules.schedules import WarmupCosine
 from effitrain.methods.block_ap import (
     ActivationCache,
     block_mse,
@@ -41,16 +41,12 @@ from effitrain.methods.block_ap import (
     trainable_groups,
     wrap_block,
 )
-from effitrain.methods.quantization import (
-    SUPPORTED_BITS,
-    decoder_blocks,
-    named_linears,
-    quantize_block_rtn,
-    resolve_group_size,
-    save_quantized,
-)
+from effitrain.methods.gptq_format import save_quantized
+from effitrain.methods.quant_surgery import decoder_blocks, named_linears, quantize_block_rtn
+from effitrain.methods.quantization import SUPPORTED_BITS, resolve_group_size
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 
 def adamw_no_decay(params) -> torch.optim.Optimizer:
@@ -75,17 +71,22 @@ class EfficientQATBlockAP(TrainModule):
     """
 
     export_kind = "packed"  # the run summary's name for export_dir
+    sharding_refusal = (
+        "Block-AP trains one decoder block at a time with its own optimizer swapped into the strategy and keeps "
+        "the block inputs in memory; a sharded root would all-gather the whole model for every block. It needs "
+        "one block and its calibration activations on one device: run it on a single device.")
 
     def __init__(self, pretrained: str, bits: int = 2, group_size: int = 64, epochs_per_block: int = 2,
                  quant_lr: float = 1e-4, weight_lr: float | None = None, min_lr_factor: float = 20.0,
                  cache_dtype: str = "float16", cache_dir: str | None = None,
-                 optimizer: OptimizerCallable = adamw_no_decay, export_dir: str | None = None):
-        super().__init__(optimizer, None, export_dir)
+                 optimizer: OptimizerCallable = adamw_no_decay, export_dir: str | None = None,
+                 overwrite_export: bool = False):
+        super().__init__(optimizer, None, export_dir, overwrite_export)
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={bits} is not supported: use one of {SUPPORTED_BITS}.")
         if epochs_per_block < 1:
             raise ValueError(f"epochs_per_block must be >= 1 (got {epochs_per_block}); for round-to-nearest use "
-                             "effitrain.methods.quantization.quantize_model_rtn.")
+                             "effitrain.methods.quant_surgery.quantize_model_rtn.")
         if min_lr_factor < 1:
             raise ValueError(f"min_lr_factor must be >= 1, got {min_lr_factor}.")
         self.save_hyperparameters(ignore=["optimizer"])
@@ -110,6 +111,7 @@ class EfficientQATBlockAP(TrainModule):
         self.current = -1  # index of the block being trained
         self._done = 0     # number of blocks packed
         self.block_optimizer = self.block_scheduler = None
+        self._resume_blocks: dict[str, Any] | None = None
 
     # -- setup --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -137,8 +139,10 @@ class EfficientQATBlockAP(TrainModule):
         return self.optimizer_factory([{"params": [placeholders[0]], "lr": self.quant_lr},
                                        {"params": [placeholders[1]], "lr": self.weight_lr}])
 
+    @override
     def on_train_start(self) -> None:
-        """Embed the calibration set into the two caches (equal at block 0)."""
+        """Embed the calibration set into the two caches (equal at block 0); on resume, rebuild them up to the
+        block of the checkpoint and continue that block where it stopped."""
         batches = self.trainer.num_training_batches
         loader = self.trainer.datamodule.train_dataloader()
         first = next(iter(loader))["input_ids"]
@@ -159,6 +163,10 @@ class EfficientQATBlockAP(TrainModule):
 
         self.block_kwargs = capture_block_inputs(self.lm, calibration(), self.fp_cache)
         self.quant_cache.copy_from(self.fp_cache)
+        if self._resume_blocks is not None:
+            self._replay(self._resume_blocks)
+            self._resume_blocks = None
+        super().on_train_start()  # the random states of a resumed run
         rank_zero_info(f"Block-AP: {n} calibration samples x {seq_len} tokens, {len(self.blocks)} blocks, "
                        f"w{self.bits}g{self.group_size}; caches {2 * self.fp_cache.nbytes() / 2**20:.1f} MiB "
                        f"({'disk: ' + str(self.cache_dir) if self.cache_dir else 'CPU memory'}).")
@@ -185,12 +193,8 @@ class EfficientQATBlockAP(TrainModule):
             {"params": weights, "lr": self.weight_lr},
         ])
         total = max(1, self.epochs_per_block * self.trainer.num_training_batches)
-        floor = 1.0 / self.min_lr_factor
-
-        def cosine(step: int) -> float:
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-
-        self.block_scheduler = torch.optim.lr_scheduler.LambdaLR(self.block_optimizer, cosine)
+        self.block_scheduler = WarmupCosine(self.block_optimizer, total_steps=total,
+                                            min_lr_ratio=1.0 / self.min_lr_factor)
         self.trainer.strategy.optimizers = [self.block_optimizer]
         self.block_stats.append({"block": index, "rtn_mse": rtn, "train_steps": 0})
 
@@ -208,6 +212,49 @@ class EfficientQATBlockAP(TrainModule):
         self.log_dict({"block/rtn_mse": stats["rtn_mse"], "block/block_ap_mse": stats["block_ap_mse"]})
         rank_zero_info(f"Block-AP block {self.current + 1}/{len(self.blocks)}: MSE {stats['rtn_mse']:.4g} (RTN) -> "
                        f"{stats['block_ap_mse']:.4g} after {stats['train_steps']} steps")
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The model is no child of the module (state_dict is empty): the blocks trained so far, packed or
+        still training, and the block's own optimizer and schedule go under ``block_ap``."""
+        checkpoint["block_ap"] = {
+            "current": self.current, "done": self._done, "stats": self.block_stats,
+            "blocks": {str(i): {k: v.detach().cpu().clone() for k, v in self.blocks[i].state_dict().items()}
+                       for i in range(max(self.current + 1, self._done))},
+            "optimizer": self.block_optimizer.state_dict() if self.block_optimizer is not None else None,
+            "scheduler": self.block_scheduler.state_dict() if self.block_scheduler is not None else None,
+        }
+        checkpoint["optimizer_states"] = []  # the placeholder of configure_optimizers holds nothing to restore
+        super().on_save_checkpoint(checkpoint)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._resume_blocks = checkpoint.get("block_ap")
+
+    def _replay(self, state: dict[str, Any]) -> None:
+        """Bring the caches and blocks to the checkpoint's point as the uninterrupted run had them: the packed
+        blocks before ``current`` are loaded and pushed through (FP chain with the original weights, quantized
+        chain with the packed ones); ``current`` restarts and takes its trained tensors, optimizer and schedule."""
+        self.block_stats = list(state["stats"])
+        for index in range(state["done"]):
+            block = self.blocks[index].to(self.device)
+            propagate(block, self.fp_cache, self._kwargs(), self.batch_size, self.device, self.compute_dtype)
+            wrap_block(block, self.bits, self.group_size)
+            finalize_block(block)
+            block.load_state_dict(state["blocks"][str(index)])
+            propagate(block, self.quant_cache, self._kwargs(), self.batch_size, self.device, self.compute_dtype)
+            self.blocks[index] = block.to("cpu")
+        self._done = state["done"]
+        if state["current"] >= state["done"]:
+            stats = self.block_stats.pop()
+            self._start_block(state["current"])
+            self.blocks[self.current].load_state_dict(state["blocks"][str(self.current)])
+            self.block_optimizer.load_state_dict(state["optimizer"])
+            self.block_scheduler.load_state_dict(state["scheduler"])
+            self.block_stats[-1] = stats
+        self.current = state["current"]
 
     # -- the loop -----------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -235,7 +282,7 @@ class EfficientQATBlockAP(TrainModule):
 
     def on_train_end(self) -> None:
         """Pack a block left unfinished and fall back to round-to-nearest for blocks never reached (a run
-        stopped early, e.g. ``fast_dev_run``), so that the written model is always complete."""
+        stopped early by ``max_steps``), so that the written model is always complete."""
         if self.current >= self._done:
             self._finish_block()
         for index in range(self._done, len(self.blocks)):
@@ -243,14 +290,9 @@ class EfficientQATBlockAP(TrainModule):
             self.block_stats.append({"block": index, "rtn_only": True})
         self._done = len(self.blocks)
 
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
-
-    def export(self, directory: str) -> None:
+    @override
+    def save_export(self, folder: Path) -> None:
         """The packed model (``save_quantized``), the data's tokenizer and the per-block statistics."""
-        save_quantized(self.lm, directory, self.bits, self.group_size)
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        (Path(directory) / "block_ap_stats.json").write_text(json.dumps(self.block_stats, indent=1))
+        save_quantized(self.lm, folder, self.bits, self.group_size)
+        self.save_tokenizer(folder)
+        (Path(folder) / "block_ap_stats.json").write_text(json.dumps(self.block_stats, indent=1))

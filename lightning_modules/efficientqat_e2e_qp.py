@@ -12,16 +12,16 @@ gradient clipping 0.3, one epoch of 4096 x 4096-token RedPajama samples.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from effitrain.lightning_modules.artifacts import require_local_model
-from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.causal_lm import CausalLM
-from effitrain.methods.quantization import QuantLinear, load_quantized, save_quantized
+from effitrain.methods.gptq_format import load_quantized, save_quantized
+from effitrain.methods.quantization import QuantLinear
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
+from typing_extensions import override
 
 
 def adamw_e2e(params) -> torch.optim.Optimizer:
@@ -32,21 +32,24 @@ class EfficientQATE2EQP(CausalLM):
     """E2E-QP: train only the step sizes of a packed low-bit causal LM.
 
     Args:
-        pretrained: a folder written by the Block-AP recipe (or ``effitrain.methods.quantization.save_quantized``).
+        pretrained: a folder written by the Block-AP recipe (or ``effitrain.methods.gptq_format.save_quantized``).
         gradient_checkpointing: recompute activations in the backward pass (large models).
         optimizer, lr_scheduler: as for every recipe; the parameters are the scales only.
         export_dir: where the packed model with the trained scales is written.
     """
 
     export_kind = "packed"  # the run summary's name for export_dir
+    sharding_refusal = (
+        "the packed model's integer codes and zero points are buffers, which FSDP2 does not shard (every rank "
+        "would still hold the whole packed model), and the trainable step sizes are 1/group_size of the weights; "
+        "a 2-bit 7B model fits one GPU: use DDP (configs/trainer/ddp.yaml) for data parallelism.")
 
     def __init__(self, pretrained: str, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw_e2e, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None):
-        TrainModule.__init__(self, optimizer, lr_scheduler, export_dir)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+                 export_dir: str | None = None, overwrite_export: bool = False):
         require_local_model(pretrained, "packed Block-AP model")
-        self.model = load_quantized(pretrained)
+        super().__init__(pretrained=pretrained, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
+                         lr_scheduler=lr_scheduler, export_dir=export_dir, overwrite_export=overwrite_export)
         self.model.requires_grad_(False)
         self.quant_layers = [m for m in self.model.modules() if isinstance(m, QuantLinear)]
         if not self.quant_layers:
@@ -55,23 +58,24 @@ class EfficientQATE2EQP(CausalLM):
             layer.scales.data = layer.scales.data.float()
             layer.scales.requires_grad_(True)
         self.bits, self.group_size = self.quant_layers[0].bits, self.quant_layers[0].group_size
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        self.val_ppl = Perplexity(ignore_index=-100)
-        self.val_loss = MeanMetric()
-        self._batch_start = None
+
+    def load_model(self, pretrained: str, config: dict[str, Any] | None, trust_remote_code: bool,
+                   dtype: str | None) -> torch.nn.Module:
+        """The packed model with ``QuantLinear`` blocks (``load_quantized``), not transformers' loader."""
+        return load_quantized(pretrained)
 
     def param_groups(self) -> list[torch.nn.Parameter]:
         return [layer.scales for layer in self.quant_layers]
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         for key, value in checkpoint["state_dict"].items():  # scales were trained in fp32
             if key.endswith(".scales"):
                 checkpoint["state_dict"][key] = value.float()
 
-    def export(self, directory: str) -> None:
+    @override
+    def save_export(self, folder: Path) -> None:
         """The packed model with fp16 scales (``save_quantized``) and the data's tokenizer."""
-        save_quantized(self.model, directory, self.bits, self.group_size)
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self._trainer else None
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        save_quantized(self.model, folder, self.bits, self.group_size)
+        self.save_tokenizer(folder)

@@ -7,6 +7,7 @@ created by name like timm's own. EMA is Lightning's ``EMAWeightAveraging`` callb
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import effitrain.models  # noqa: F401  (registers this project's architectures with timm)
@@ -20,6 +21,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 
 def create_timm_model(model_name: str, num_classes: int, pretrained: str | None = None, **kwargs) -> torch.nn.Module:
@@ -56,8 +58,8 @@ class ImageClassifier(TrainModule):
                  pretrained: str | None = None, num_classes: int = 10, mixup: float = 0.0, cutmix: float = 0.0,
                  label_smoothing: float = 0.0, weight_decay_1d: bool = False,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer, lr_scheduler, export_dir)
+                 export_dir: str | None = None, overwrite_export: bool = False):
+        super().__init__(optimizer, lr_scheduler, export_dir, overwrite_export)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.model = create_timm_model(model_name, num_classes, pretrained, **(model_kwargs or {}))
         self.num_classes, self.label_smoothing, self.weight_decay_1d = num_classes, label_smoothing, weight_decay_1d
@@ -78,6 +80,15 @@ class ImageClassifier(TrainModule):
             return super().param_groups()
         skip = self.model.no_weight_decay() if hasattr(self.model, "no_weight_decay") else ()
         return no_decay_groups(self, skip)
+
+    @override
+    def shard_blocks(self) -> list[torch.nn.Module]:
+        """The repeated blocks of the network: timm's ``blocks`` / ``layers`` / ``stages`` children."""
+        for attr in ("blocks", "layers", "stages"):
+            blocks = getattr(self.model, attr, None)
+            if isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList):
+                return list(blocks)
+        return []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -105,14 +116,11 @@ class ImageClassifier(TrainModule):
 
     test_step = validation_step
 
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
-
-    def export(self, directory: str) -> None:
+    @override
+    def save_export(self, folder: Path) -> None:
         """A timm ``save_for_hf`` folder (``config.json`` + ``model.safetensors``): ``pretrained: <folder>``
         here, or ``timm.create_model("local-dir:<folder>", pretrained=True)`` anywhere."""
         from timm.models import save_for_hf
 
-        save_for_hf(self.model, directory, model_args=dict(self.hparams.get("model_kwargs") or {}),
+        save_for_hf(self.model, folder, model_args=dict(self.hparams.get("model_kwargs") or {}),
                     safe_serialization=True)

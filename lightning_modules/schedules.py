@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -43,7 +44,15 @@ class WarmupCosine(LambdaLR):
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the position in the schedule. A length already planned for this run (the recipe fills
+        ``total_steps`` from the Trainer's ``max_steps``/``max_epochs`` before the checkpoint is restored) is
+        kept, so a run resumed with a longer or shorter budget re-plans its decay from where it is."""
+        planned = self.total_steps
         self.__dict__.update({k: v for k, v in state_dict.items() if k != "lr_lambdas"})
+        if planned is not None and planned != self.total_steps:
+            rank_zero_info(f"{type(self).__name__}: the run's length changed from {self.total_steps} to {planned} "
+                           f"steps; the schedule decays over the new length from step {self.last_epoch}.")
+            self.total_steps = planned
 
 
 class WarmupLinear(WarmupCosine):

@@ -17,20 +17,19 @@ Run: ``python train.py fit --config configs/uio/uio_passkey.yaml`` (the tiny qui
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from effitrain.lightning_modules.base import TrainModule, adamw, no_decay_groups
+from effitrain.lightning_modules.base import TrainModule, adamw
 from effitrain.lightning_modules.causal_lm import load_causal_lm
 from effitrain.methods.incremental_tbptt import IncrementalTBPTT
 from effitrain.methods.reservoir import RecencyWindow, ReservoirSampler
 from effitrain.models.memory_lm import MemoryLM, MemoryMode
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
 
 
 class UIOLM(TrainModule):
@@ -53,6 +52,14 @@ class UIOLM(TrainModule):
             encoder flush twice), or when the data's longest sequence exceeds the model's context budget.
     """
 
+    sharding_refusal = (
+        "incremental TBPTT runs one backward per segment plus one per flushed encoder graph, and FSDP2 "
+        "reduce-scatters gradients in every backward, so ranks whose sequences have different numbers of "
+        "segments would make different numbers of collectives (a hang). The trainable tensors are LoRAs and one "
+        "embedding (2% of the model): use DDP (configs/trainer/ddp.yaml), whose single all-reduce per step the "
+        "recipe controls.")
+    checkpoint_trainable_only = True  # the frozen base comes from `pretrained`
+
     def __init__(self, pretrained: str | None = "artifacts/tiny_llama", config: dict[str, Any] | None = None,
                  dtype: str | None = None, segment_length: int = 1024, num_memory_tokens: int = 32,
                  encoder_rank: int = 128, encoder_alpha: float = 512, transfer_rank: int = 128,
@@ -60,8 +67,8 @@ class UIOLM(TrainModule):
                  sampler: Literal["reservoir", "recency"] = "reservoir", compensate: bool = True,
                  clip_grad_norm: float | None = 1.0, eval_memory: list[MemoryMode] | None = None, seed: int = 0,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None):
-        super().__init__(optimizer, lr_scheduler, export_dir)
+                 export_dir: str | None = None, overwrite_export: bool = False):
+        super().__init__(optimizer, lr_scheduler, export_dir, overwrite_export)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if sampler not in ("reservoir", "recency"):
             raise ValueError(f"sampler must be 'reservoir' (UIO) or 'recency' (plain TBPTT), got {sampler!r}.")
@@ -69,10 +76,9 @@ class UIOLM(TrainModule):
         if not set(self.eval_memory) <= {"on", "zero", "off"}:
             raise ValueError(f"eval_memory entries must be 'on', 'zero' or 'off', got {self.eval_memory}.")
         self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold the trainable tensors only; the base comes from `pretrained`
         base = load_causal_lm(pretrained, config, dtype=dtype)
-        self.model = MemoryLM(base, segment_length, num_memory_tokens, encoder_rank, encoder_alpha, transfer_rank,
-                              transfer_alpha, lora_dropout)
+        self.model = MemoryLM.from_base(base, segment_length, num_memory_tokens, encoder_rank, encoder_alpha,
+                                        transfer_rank, transfer_alpha, lora_dropout)
         self.sampler_name, self.window, self.seed, self.clip_grad_norm = sampler, window, seed, clip_grad_norm
         self.tbptt = IncrementalTBPTT(self._policy(0), compensate=compensate, backward=self.manual_backward)
 
@@ -81,23 +87,48 @@ class UIOLM(TrainModule):
             return RecencyWindow(self.window)
         return ReservoirSampler(self.window, seed=self.seed + rank)
 
-    def param_groups(self) -> list[dict]:
-        return no_decay_groups(self.model)
+    def param_groups(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Every trainable tensor (the LoRAs and the memory embedding) with the optimizer's weight decay, as the
+        official run's single AdamW group (wd 0.1 on the memory embedding too)."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
         if self.trainer.global_rank:  # independent reservoir draws per rank
             self.tbptt.policy = self._policy(self.trainer.global_rank)
-        longest = getattr(getattr(self.trainer, "datamodule", None), "max_length", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        longest = getattr(datamodule, "max_length", None)
         if longest:
             self.model.check_context(longest)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        vocab = self.model.base.get_input_embeddings().num_embeddings
+        if tokenizer is not None and not isinstance(tokenizer, str) and len(tokenizer) > vocab:
+            raise ValueError(f"The data's tokenizer has {len(tokenizer)} tokens but the base model's embedding only "
+                             f"{vocab}: give the base model's own tokenizer (`data.init_args.tokenizer: "
+                             f"{self.hparams.get('pretrained')}`).")
+        train_length = getattr(datamodule, "train_length", None) or getattr(datamodule, "seq_length", None)
+        if stage == "fit" and train_length and train_length <= self.model.segment_length:
+            raise ValueError(f"segment_length={self.model.segment_length} is not shorter than the training sequences "
+                             f"({train_length} tokens): every sequence is one segment and the memory is never used. "
+                             "Lower `model.init_args.segment_length` or raise the data's training length.")
 
+    @override
     def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # fp32 master weights for the trainable tensors whatever the precision (`bf16-true` casts the whole
+        # module): a bf16 LoRA would round lr·update ≈ 1e-4·|w| away, and AdamW's state follows the parameter's
+        # dtype. The model casts LoRA inputs and the memory embedding to the compute dtype itself, so the
+        # frozen base stays bf16. The optimizer holds these same Parameter objects; its state starts at step 1.
+        for param in self.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
         if str(self.trainer.precision).startswith("16"):
             raise ValueError("UIOLM does not support fp16 (`16-mixed`): the loss scaler would scale the encoder "
                              "flush twice. Use `precision: bf16-mixed`/`bf16-true` (as the paper) or `32-true`.")
 
+    @override
     def on_train_start(self) -> None:
+        super().on_train_start()
         self._disable_ddp_sync()
 
     def _disable_ddp_sync(self) -> None:
@@ -153,10 +184,10 @@ class UIOLM(TrainModule):
                 self.log("val/loss", loss, prog_bar=True, **kwargs)
 
     # ------------------------------------------------------------------------------- checkpoints, export
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["uio_policy"] = self._gather_policy_states()
+        super().on_save_checkpoint(checkpoint)  # trainable tensors only, identity, checksum
 
     def _gather_policy_states(self) -> list[dict[str, Any]]:
         state = self.tbptt.policy.state_dict()
@@ -165,21 +196,18 @@ class UIOLM(TrainModule):
         gathered = self.all_gather(state["rng_state"].to(self.device))  # [world, n]: every rank's generator
         return [{"rng_state": s.cpu()} for s in gathered]
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         states = checkpoint.get("uio_policy")
         if states:
             rank = self.trainer.global_rank if self._trainer is not None else 0
             self.tbptt.policy.load_state_dict(states[rank % len(states)])
 
-    def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
-            self.export(self.export_dir)
-
-    def export(self, directory: str) -> None:
-        """Write the trainable tensors (LoRAs, <mem> embedding) as safetensors plus the settings that rebuild them."""
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.model.trainable_state_dict().items()},
-                  str(path / "uio_memory.safetensors"))
-        settings = {k: v for k, v in self.hparams.items() if k not in ("export_dir",)}
-        (path / "uio_config.json").write_text(json.dumps(settings, indent=2, default=str))
+    @override
+    def save_export(self, folder: Path) -> None:
+        """The memory model as a transformers folder (``MemoryLM.save_pretrained``: config.json with the base's
+        config, the weights) plus the data's tokenizer; ``AutoModel.from_pretrained`` loads it after
+        ``import effitrain.models``."""
+        self.model.save_pretrained(folder)
+        self.save_tokenizer(folder)

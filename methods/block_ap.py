@@ -20,13 +20,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from effitrain.methods.quantization import (
-    FakeQuantLinear,
-    QuantLinear,
-    decoder_blocks,
-    named_linears,
-    replace_module,
-)
+from effitrain.methods.quant_surgery import decoder_blocks, named_linears, replace_module
+from effitrain.methods.quantization import FakeQuantLinear, QuantLinear
 from torch import nn
 
 

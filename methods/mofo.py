@@ -9,7 +9,12 @@ Each parameter tensor is one partition. At step t, with fraction α:
     S = the k = max(1, ⌊α·numel⌋) entries of largest |m|   (entries tied with the k-th value join S)
     θ_S ← θ_S − lr/(1 − β1^t) · m_S / (√v_S / √(1 − β2^t) + ε)
 
-Tensors named ``*bias*`` / ``*norm*`` take the full Adam step, so α = 1 is exactly AdamW.
+Tensors named ``*bias*`` / ``*norm*`` take the full Adam step, so α = 1 is exactly AdamW; tensors named
+``*norm*`` / ``*ln_f*`` get no weight decay (as in the official optimizer).
+
+Sharded parameters (FSDP2 ``DTensor``s, each rank holding a slice of the tensor) stay one partition each:
+k counts the whole tensor and the threshold is found over all shards (``sharded_topk_threshold``
+all-reduces its counts), so the update equals one process's on the gathered tensor.
 
 Speed. The dense part is one fused kernel (``torch._fused_adamw_`` on CPU and CUDA) that updates m
 and v and writes the full Adam step into a zeroed buffer u; the filtered step is then θ += u ⊙ [|m| >= τ]
@@ -28,8 +33,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from effitrain.methods.topk_threshold import topk_threshold
+from effitrain.methods.topk_threshold import sharded_topk_threshold, topk_threshold
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard
 
 _STACK_CAP = 1 << 25  # at most this many entries stacked per pass (bounds the scratch memory)
 
@@ -56,6 +62,7 @@ class MoFO(torch.optim.Optimizer):
             the paper advises 0.05 to 0.2 and uses 0.15. 1.0 is AdamW.
         dense_keywords: names containing any of these take the full Adam step (paper: bias, norm).
             Parameters given without names are dense when they have fewer than 2 dimensions.
+        no_decay_keywords: named parameters containing any of these get no weight decay (official: norm, ln_f).
 
     Raises:
         ValueError: on a learning rate, ε, β, weight decay or fraction out of range.
@@ -70,6 +77,7 @@ class MoFO(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         fraction: float = 0.15,
         dense_keywords: Sequence[str] = ("bias", "norm"),
+        no_decay_keywords: Sequence[str] = ("norm", "ln_f"),
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"Invalid learning rate {lr}: must be >= 0")
@@ -81,7 +89,7 @@ class MoFO(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay {weight_decay}: must be >= 0")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fraction=fraction)
         super().__init__(params, defaults)
-        self.dense_keywords = tuple(dense_keywords)
+        self.dense_keywords, self.no_decay_keywords = tuple(dense_keywords), tuple(no_decay_keywords)
         for group in self.param_groups:
             if not 0.0 < group["fraction"] <= 1.0:
                 raise ValueError(
@@ -133,17 +141,60 @@ class MoFO(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             lr, eps, wd, fraction = group["lr"], group["eps"], group["weight_decay"], group["fraction"]
             by_kind: dict[tuple, list[tuple[Tensor, int]]] = {}
+            sharded: dict[float, list[tuple[Tensor, int]]] = {}
             for j, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("MoFO does not support sparse gradients")
-                dense = fraction >= 1.0 or _is_dense(names[j] if names else None, p, self.dense_keywords)
-                k = p.numel() if dense else max(1, int(p.numel() * fraction))
-                by_kind.setdefault((p.device, p.dtype), []).append((p, k))
-            for (_, dtype), members in by_kind.items():
-                self._update(members, dtype, lr, beta1, beta2, eps, wd)
+                name = names[j] if names else None
+                dense = fraction >= 1.0 or _is_dense(name, p, self.dense_keywords)
+                k = p.numel() if dense else max(1, int(p.numel() * fraction))  # of the whole tensor if sharded
+                decay = 0.0 if name is not None and any(key in name for key in self.no_decay_keywords) else wd
+                if isinstance(p, DTensor):
+                    sharded.setdefault(decay, []).append((p, k))
+                else:
+                    by_kind.setdefault((p.device, p.dtype, decay), []).append((p, k))
+            for (_, dtype, decay), members in by_kind.items():
+                self._update(members, dtype, lr, beta1, beta2, eps, decay)
+            for decay, members in sharded.items():
+                self._update_sharded(members, lr, beta1, beta2, eps, decay)
         return loss
+
+    def _update_sharded(self, members: list[tuple[DTensor, int]], lr: float, beta1: float, beta2: float,
+                        eps: float, wd: float) -> None:
+        """One step for ``DTensor`` parameters: the same math on each rank's local shard, with the
+        top-k threshold of each filtered tensor searched over all its shards (one all-reduce of counts per
+        bisection round for all tensors). The moments stay ``DTensor``s shaped like their parameters, so
+        sharded checkpoints save and reshard them like any optimizer state."""
+        group = None
+        for p, _ in members:
+            if not all(isinstance(pl, Shard) for pl in p.placements) or p.device_mesh.ndim != 1:
+                raise NotImplementedError(
+                    f"MoFO supports DTensor parameters sharded on a 1-D mesh (FSDP2), got placements "
+                    f"{p.placements} on a {p.device_mesh.ndim}-D mesh (replicated dimensions, e.g. HSDP, would "
+                    "count entries twice).")
+            group = p.device_mesh.get_group()
+        states = [self._init_state(p) for p, _ in members]
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        local = [p.to_local() for p, _ in members]
+        if wd != 0:
+            torch._foreach_mul_(local, 1 - lr * wd)
+        exp_avgs = [s["exp_avg"].to_local() for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"].to_local() for s in states]
+        grads = [p.grad.to_local().float() for p, _ in members]
+        updates = [torch.zeros_like(m) for m in exp_avgs]
+        _adam_step_into(updates, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states], lr, beta1, beta2, eps,
+                        fused=all(u.stride() == g.stride() == m.stride() == v.stride()
+                                  for u, g, m, v in zip(updates, grads, exp_avgs, exp_avg_sqs, strict=True)))
+        filtered = [i for i, (p, k) in enumerate(members) if k < p.numel()]
+        for i, (p, k) in enumerate(members):
+            if k >= p.numel():
+                local[i].add_(updates[i].to(local[i].dtype))
+        absm = [exp_avgs[i].abs().reshape(-1) for i in filtered]
+        taus = sharded_topk_threshold(absm, [members[i][1] for i in filtered], group)
+        for i, a, tau in zip(filtered, absm, taus, strict=True):
+            local[i].add_((updates[i] * (a >= tau).view(updates[i].shape)).to(local[i].dtype))
 
     def _thresholds(self, absm: Tensor, k: int, scratch: Tensor, key: tuple) -> list[float]:
         """Per row of |m| (a stack of same-size tensors), the top-k threshold; ``key`` names the stack

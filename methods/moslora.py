@@ -16,18 +16,22 @@ gradients for both, so that init is refused.
 Use::
 
     model = get_peft_model(base, MoSLoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
-    model.save_pretrained("adapter")                  # writes lora_A, lora_AB (the mixer) and lora_B
-    model = load_moslora(base, "adapter")             # the one call that restores the mixer
-    save_as_plain_lora(model, "adapter_lora")         # exact export for loaders that only know LoRA
+    model.save_pretrained("adapter")                  # native form: lora_A, lora_AB (the mixer), lora_B
+    model = load_moslora(base, "adapter")             # the one call that restores the mixer (to train on)
+    save_as_plain_lora(model, "adapter_lora")         # exact fold A' = M·A: every LoRA loader reads it
 
 How it plugs into peft (0.21) without monkeypatching: peft picks a `LoraVariant` per adapter from
 the layer's `lora_variants` mapping, keyed by LoraConfig fields tagged `is_lora_variant` (as KaSA's
 `kasa_config`). `MoSLoraConfig` is a `LoraConfig` with one such field, `mixer_init`, and registers
 `MoSLoraLinear` for `nn.Linear` targets through peft's `_register_custom_module` hook; that layer is
-peft's `Linear` with `("mixer_init",)` added to its variant mapping. The saved adapter keeps
-`peft_type: LORA` (so every LoRA code path in peft applies), which also means plain
-`PeftModel.from_pretrained` would rebuild a `LoraConfig`, drop `mixer_init` with a warning and skip
-the mixer: load with `load_moslora` (it passes a `MoSLoraConfig` to `PeftModel.from_pretrained`).
+peft's `Linear` with `("mixer_init",)` added to its variant mapping.
+
+Saved adapters. In memory the config is a LoRA config (`peft_type` LORA, so every LoRA code path in peft
+applies), but a plain LoRA loader would drop the mixers and load a different model without an error. So
+the native folder's `adapter_config.json` says `peft_type: "MOSLORA: load with effitrain.methods.moslora.
+load_moslora"`: `PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and transformers' adapter loading
+stop with that text (peft knows no such type), and `load_moslora` reads it. For every other loader write
+the exact plain-LoRA fold with `save_as_plain_lora` (the adapter recipe exports both).
 """
 
 from __future__ import annotations
@@ -51,6 +55,12 @@ from torch import nn
 MixerInit = Literal["kaiming", "orthogonal", "identity"]
 MIXER_INITS: tuple[str, ...] = ("kaiming", "orthogonal", "identity")
 MIXER_NAME = "lora_AB"  # the official code's and PaddleNLP's key, so their adapter weights load
+#: `peft_type` of a saved native MoSLoRA folder: no loader knows it, so plain LoRA loaders stop with this text
+SAVED_PEFT_TYPE = "MOSLORA: load with effitrain.methods.moslora.load_moslora"
+
+
+#: peft inits that subtract a decomposition of W0 as B·A (assuming no mixer) from the base weight
+_W0_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
 
 @dataclass
@@ -63,8 +73,9 @@ class MoSLoraConfig(LoraConfig):
         All other arguments are `peft.LoraConfig`'s.
 
     Raises:
-        ValueError: on an unknown `mixer_init` (a zero mixer with B = 0 never trains), or with DoRA or
-            any other LoRA variant, which MoSLoRA does not compose with.
+        ValueError: on an unknown `mixer_init` (a zero mixer with B = 0 never trains), with DoRA or
+            any other LoRA variant, which MoSLoRA does not compose with, or with an `init_lora_weights` that
+            rewrites W0 from the pretrained weights (pissa, olora, corda, loftq, eva).
     """
 
     mixer_init: str = field(
@@ -82,6 +93,12 @@ class MoSLoraConfig(LoraConfig):
             raise ValueError(f"mixer_init={self.mixer_init!r} is not one of {MIXER_INITS}.{hint}")
         if self.use_dora:
             raise ValueError("MoSLoRA does not compose with DoRA: set use_dora=False or use a plain LoraConfig.")
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.split("[")[0].split("_")[0].lower() in _W0_REWRITING_INITS:
+            raise ValueError(
+                f"init_lora_weights={init!r} rewrites W0 assuming ΔW = s·B·A, but MoSLoRA's ΔW = s·B·M·A with a "
+                "random mixer M, so the model's output would change at initialisation. Use True (kaiming A, zero "
+                "B; the official init) or 'gaussian'.")
         # peft's experimental hook for custom LoRA layers; checked before the built-in dispatchers. It is
         # not serialized, which is why `load_moslora` rebuilds a MoSLoraConfig at load time.
         # (nn.Module last: any other matched layer type gets a clear error instead of peft's variant error)
@@ -90,8 +107,16 @@ class MoSLoraConfig(LoraConfig):
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> MoSLoraConfig:
         """Build a MoSLoraConfig from a saved adapter_config.json (peft would build a plain LoraConfig)."""
-        known = {f.name for f in fields(cls) if f.init}
+        known = {f.name for f in fields(cls) if f.init} - {"peft_type"}
         return cls(**{k: v for k, v in kwargs.items() if k in known})
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write adapter_config.json with `peft_type` = `SAVED_PEFT_TYPE`, which plain LoRA loaders refuse."""
+        super().save_pretrained(save_directory, **kwargs)
+        path = Path(save_directory) / CONFIG_NAME
+        saved = json.loads(path.read_text())
+        saved["peft_type"] = SAVED_PEFT_TYPE
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True))
 
 
 class MoSLoraLinearVariant(LoraVariant):
@@ -191,7 +216,8 @@ def load_moslora(model: nn.Module, path: str | os.PathLike, is_trainable: bool =
     """
     if not is_moslora_adapter(path):
         raise ValueError(f"{path} holds a plain LoRA adapter (no mixer): load it with PeftModel.from_pretrained.")
-    config = MoSLoraConfig.from_pretrained(str(path))
+    saved = json.loads((Path(path) / CONFIG_NAME).read_text())
+    config = MoSLoraConfig.from_peft_type(**saved)
     return PeftModel.from_pretrained(model, str(path), config=config, is_trainable=is_trainable, **kwargs)
 
 
@@ -199,7 +225,13 @@ def is_moslora_adapter(path: str | os.PathLike) -> bool:
     """Whether an adapter folder was saved from a MoSLoRA model (ours or the official fork's)."""
     with open(Path(path) / CONFIG_NAME) as f:
         saved = json.load(f)
-    return bool(saved.get("mixer_init") or saved.get("use_moslora") or saved.get("lora_use_mixer"))
+    return bool(str(saved.get("peft_type", "")).startswith("MOSLORA") or saved.get("mixer_init")
+                or saved.get("use_moslora") or saved.get("lora_use_mixer"))
+
+
+def is_moslora_model(model: nn.Module) -> bool:
+    """Whether a peft model carries MoSLoRA mixers."""
+    return isinstance(model, PeftModel) and any(isinstance(c, MoSLoraConfig) for c in model.peft_config.values())
 
 
 def plain_lora_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Weight-only uniform asymmetric group quantization with learnable step sizes and zero points, and the
-packed low-bit storage of EfficientQAT (Chen et al., "EfficientQAT: Efficient Quantization-Aware Training
-for Large Language Models", arXiv 2407.11062; official code OpenGVLab/EfficientQAT).
+fake-quantized and packed Linear layers of EfficientQAT (Chen et al., "EfficientQAT: Efficient
+Quantization-Aware Training for Large Language Models", arXiv 2407.11062; official code OpenGVLab/EfficientQAT).
 
 Quantizer (Sec. 3.2, Eq. 1-2; App. B), per group of ``g`` input channels of a Linear weight ``w``:
 
@@ -9,43 +9,29 @@ Quantizer (Sec. 3.2, Eq. 1-2; App. B), per group of ``g`` input channels of a Li
             q  = clamp(round_ste(w / s') + z', 0, 2^N - 1)          (a hard clamp: no gradient when clipped)
             w^ = (q - z') * s'
 
-Storage (per Linear, GPTQ "v2" tensor names and layout; zero points without GPTQ v1's ``z - 1`` offset):
-
-    qweight int32 [ceil(in / (32 // N)), out]   codes packed along the input dim, least significant bits first
-    qzeros  int32 [in / g, ceil(out / (32 // N))]  zero points packed along the output dim
-    scales  fp16  [in / g, out];  g_idx int32 [in] = i // g;  bias (optional)
-
-Each int32 word holds ``32 // N`` codes: 16 at 2-bit, 8 at 4-bit, 4 at 8-bit, and **10 at 3-bit** (2 bits
-unused). The 3-bit layout is EfficientQAT's own and is *not* GPTQ's 3-bit layout (which spreads codes over
-word boundaries), so 3-bit checkpoints load only through this module. Average bits per weight: N + (N+16)/g.
+Storage of ``QuantLinear`` (per Linear, GPTQ "v2" tensor names; zero points without GPTQ v1's ``z - 1``
+offset): ``qweight`` int32 [ceil(in / (32 // N)), out] and ``qzeros`` int32 [in / g, ceil(out / (32 // N))]
+packed as in ``effitrain.methods.packing``, ``scales`` fp16 [in / g, out], ``g_idx`` int32 [in] = i // g, an
+optional ``bias``. Average bits per weight: N + (N+16)/g. Model surgery (which Linears, RTN) is in
+``effitrain.methods.quant_surgery``; Hugging Face save/load in ``effitrain.methods.gptq_format``.
 
 Dequantization (what ``QuantLinear`` runs on any device): ``W[in, out] = (q - z[g_idx]) * s[g_idx]``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from effitrain.methods.packing import SUPPORTED_BITS, check_bits, codes_per_word, pack_codes, unpack_codes
 from torch import nn
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+__all__ = ["SUPPORTED_BITS", "SCALE_MIN", "SCALE_MAX", "average_bits", "round_ste", "clamp_ste",
+           "resolve_group_size", "init_scale_zero", "fake_quantize", "integer_codes", "FakeQuantLinear",
+           "QuantLinear"]
+
 SCALE_MIN, SCALE_MAX = 1e-4, 1e4
-
-
-def _check_bits(bits: int) -> None:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits} is not supported: use one of {SUPPORTED_BITS}.")
-
-
-def codes_per_word(bits: int) -> int:
-    """How many N-bit codes one int32 word holds (3-bit: 10, leaving 2 bits unused)."""
-    _check_bits(bits)
-    return 32 // bits
 
 
 def average_bits(bits: int, group_size: int) -> float:
@@ -88,7 +74,7 @@ def init_scale_zero(weight: torch.Tensor, bits: int, group_size: int) -> tuple[t
 
     Never clips: every weight of the group lies in [(0 - z) s, (2^N - 1 - z) s] up to s/2.
     """
-    _check_bits(bits)
+    check_bits(bits)
     groups = _group_view(weight.detach().float(), group_size)
     w_min, w_max = groups.amin(dim=-1), groups.amax(dim=-1)
     scale = ((w_max - w_min) / (2**bits - 1)).clamp(SCALE_MIN, SCALE_MAX)
@@ -132,38 +118,6 @@ def integer_codes(
     return q.reshape(weight.shape).to(torch.int32), z.to(torch.int32), s16
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Packing N-bit codes into int32 words
-# ----------------------------------------------------------------------------------------------------------
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in [0, 2^N - 1] along dim 0 into int32 words, least significant bits first.
-
-    codes [n, m] -> int32 [ceil(n / (32 // N)), m]; code j of word k sits at bits [N*j, N*j + N).
-    """
-    per_word = codes_per_word(bits)
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 2**bits - 1):
-        raise ValueError(f"codes must lie in [0, {2**bits - 1}] for {bits}-bit packing.")
-    n = codes.shape[0]
-    n_words = math.ceil(n / per_word)
-    padded = torch.zeros((n_words * per_word, *codes.shape[1:]), dtype=torch.int64, device=codes.device)
-    padded[:n] = codes.to(torch.int64)
-    padded = padded.reshape(n_words, per_word, *codes.shape[1:])
-    shifts = torch.arange(per_word, device=codes.device) * bits
-    shifts = shifts.view(1, per_word, *([1] * (codes.dim() - 1)))
-    words = (padded << shifts).sum(dim=1)  # disjoint bit fields: the sum is a bitwise or, < 2^32
-    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
-    return words.to(torch.int32)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int32 [ceil(n / (32 // N)), m] -> int64 codes [n, m]."""
-    per_word = codes_per_word(bits)
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per_word, device=packed.device) * bits
-    shifts = shifts.view(1, per_word, *([1] * (packed.dim() - 1)))
-    codes = (words.unsqueeze(1) >> shifts) & (2**bits - 1)
-    return codes.reshape(-1, *packed.shape[1:])[:n]
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Layers
@@ -182,7 +136,7 @@ class FakeQuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, bits: int, group_size: int) -> None:
         super().__init__()
-        _check_bits(bits)
+        check_bits(bits)
         self.bits = bits
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.group_size = resolve_group_size(group_size, linear.in_features)
@@ -225,7 +179,7 @@ class QuantLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        _check_bits(bits)
+        check_bits(bits)
         group_size = resolve_group_size(group_size, in_features)
         if in_features % group_size:
             raise ValueError(f"group_size={group_size} does not divide in_features={in_features}.")
@@ -298,138 +252,3 @@ class QuantLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}")
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Models: which Linears are quantized, conversion, save/load in Hugging Face format
-# ----------------------------------------------------------------------------------------------------------
-_BLOCK_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers")
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a transformers causal LM (``model.layers`` for LLaMA/Mistral/Qwen)."""
-    for path in _BLOCK_PATHS:
-        module: nn.Module | None = model
-        for attr in path.split("."):
-            module = getattr(module, attr, None)
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise ValueError(
-        f"Could not find the decoder blocks of {type(model).__name__}: looked for {', '.join(_BLOCK_PATHS)}."
-    )
-
-
-def named_linears(module: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
-    """The plain nn.Linear layers inside a module (q/k/v/o and gate/up/down in a LLaMA block)."""
-    return ((name, m) for name, m in module.named_modules() if type(m) is nn.Linear)
-
-
-def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def quantize_block_rtn(block: nn.Module, bits: int, group_size: int) -> None:
-    """Replace every Linear of a block by its round-to-nearest packed ``QuantLinear`` (in place)."""
-    for name, linear in list(named_linears(block)):
-        replace_module(block, name, QuantLinear.from_linear(linear, bits, group_size))
-
-
-def quantize_model_rtn(model: nn.Module, bits: int, group_size: int) -> nn.Module:
-    """RTN: every Linear inside the decoder blocks becomes a packed ``QuantLinear``; embeddings, norms and the
-    LM head stay in full precision (Sec. 3). Returns the same model, changed in place."""
-    for block in decoder_blocks(model):
-        quantize_block_rtn(block, bits, group_size)
-    return model
-
-
-def quantization_config(bits: int, group_size: int) -> dict:
-    """The ``quantization_config`` written to config.json.
-
-    2/4/8-bit tensors have the GPTQ layout in its v2 form (zero points without the v1 ``-1`` offset); loaders
-    that read ``checkpoint_format: gptq_v2`` (GPTQModel, vLLM) can use them. 3-bit uses EfficientQAT's own
-    10-codes-per-word layout, so it is marked ``quant_method: efficientqat`` rather than ``gptq``.
-    """
-    return {
-        "quant_method": "efficientqat" if bits == 3 else "gptq",
-        "bits": bits,
-        "group_size": group_size,
-        "sym": False,
-        "desc_act": False,
-        "checkpoint_format": "gptq_v2",
-        "codes_per_int32": codes_per_word(bits),
-        "packing": "along input dim, least significant bits first; qzeros along output dim",
-        "modules_in_block_to_quantize": "every nn.Linear inside the decoder blocks",
-    }
-
-
-def save_quantized(model: nn.Module, folder: str | Path, bits: int, group_size: int) -> Path:
-    """Write ``config.json`` (with ``quantization_config``) and ``model.safetensors`` (packed block Linears).
-
-    Scales are stored in fp16, codes as int32, the full-precision rest (embeddings, norms, head) in fp16.
-    Tied tensors (e.g. a tied LM head) are stored once.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state, seen = {}, set()
-    for key, tensor in model.state_dict().items():
-        ptr = (tensor.data_ptr(), tuple(tensor.shape))
-        if tensor.numel() and ptr in seen:
-            continue
-        seen.add(ptr)
-        tensor = tensor.detach().cpu()
-        state[key] = (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config
-    config.quantization_config = quantization_config(bits, group_size)
-    try:
-        config.save_pretrained(folder)
-    finally:
-        del config.quantization_config
-    return folder
-
-
-def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a folder written by :func:`save_quantized` into a transformers model with ``QuantLinear`` blocks.
-
-    Full-precision tensors are cast to ``dtype``; scales stay fp16 (cast at each forward).
-    """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    qcfg = raw.get("quantization_config")
-    if not qcfg or "bits" not in qcfg:
-        raise ValueError(f"{folder}/config.json has no quantization_config with 'bits': not a packed model.")
-    config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
-    for block in decoder_blocks(model):
-        for name, linear in list(named_linears(block)):
-            layer = QuantLinear(linear.in_features, linear.out_features, qcfg["bits"], qcfg["group_size"],
-                                bias=linear.bias is not None)
-            replace_module(block, name, layer)
-    state = load_file(str(folder / "model.safetensors"))
-    own = model.state_dict()
-    for key, tensor in state.items():
-        if key not in own:
-            raise ValueError(f"Unexpected tensor {key!r} in {folder}/model.safetensors.")
-        if tensor.is_floating_point() and not key.endswith(".scales"):
-            state[key] = tensor.to(dtype)
-    missing, _ = model.load_state_dict(state, strict=False)
-    model.tie_weights()
-    untied = [k for k in missing if k not in state and not _is_tied(model, k)]
-    if untied:
-        raise ValueError(f"{folder}/model.safetensors lacks {untied[:5]}.")
-    return model
-
-
-def _is_tied(model: nn.Module, key: str) -> bool:
-    """A missing key is fine when it names the same tensor as a loaded one (tied embeddings)."""
-    target = model.get_parameter(key) if key in dict(model.named_parameters(remove_duplicate=False)) else None
-    return target is not None and any(
-        p is target for name, p in model.named_parameters() if name != key
-    )

@@ -304,3 +304,38 @@ def topk_threshold(
     bands = [min(max(_BAND, 2 * abs(t - g) * sl), extract / 2) if math.isfinite(sl) else _BAND
              for t, g, sl in zip(tau, guesses, slopes, strict=True)]
     return tau, list(zip(tau, slopes, means, bands, strict=True))
+
+
+def sharded_topk_threshold(shards: Sequence[Tensor], ks: Sequence[int], group=None) -> list[float]:  # noqa: ANN001
+    """Per tensor split across the ranks of ``group`` (each rank holds ``shards[i]``, its local part of the
+    non-negative fp32 tensor i), the threshold τ_i of :func:`topk_threshold` over the **whole** tensor: the
+    k_i-th largest value v, so that ``{a >= τ}`` on every shard is, together, the global top-k plus ties.
+
+    Search: bisection on the fp32 bit patterns of [0, global max] (non-negative floats order like their bits),
+    for the largest τ with ``#{a >= τ} >= k`` over all shards; each of the ≤ 32 rounds counts every tensor
+    on its local shard and sums the counts of all tensors in one ``all_reduce``. The result is the same
+    value one process finds on the gathered tensor, and it is the same on every rank.
+    """
+    import torch.distributed as dist
+
+    n = len(shards)
+    if n == 0:
+        return []
+    device = shards[0].device
+    top = torch.stack([s.max() if s.numel() else torch.zeros((), device=device) for s in shards]).float()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    lo = [0] * n  # count(>= from_bits(lo)) >= k always holds at 0 (the whole tensor)
+    hi = [_bits(_f32(t)) + 1 for t in top.tolist()]  # count(>= from_bits(hi)) = 0 < k
+    while any(b - a > 1 for a, b in zip(lo, hi, strict=True)):
+        mids = [(a + b) // 2 for a, b in zip(lo, hi, strict=True)]
+        counts = torch.tensor([int((s >= _from_bits(m)).sum()) if b - a > 1 else 0
+                               for s, m, a, b in zip(shards, mids, lo, hi, strict=True)], dtype=torch.int64,
+                              device=device)
+        dist.all_reduce(counts, group=group)
+        for i, c in enumerate(counts.tolist()):
+            if hi[i] - lo[i] > 1:
+                if c >= ks[i]:
+                    lo[i] = mids[i]
+                else:
+                    hi[i] = mids[i]
+    return [_from_bits(b) for b in lo]

@@ -17,7 +17,7 @@ Soft mask (§3.3): with P = softmax(QK^T / sqrt(d)) and r = ``soft_mask_rate`` (
 at r = 0, the state every recipe ends in (the rate is not part of the state_dict).
 
 Built from ``timm.layers`` (PatchEmbed, RmsNormFp32, SwiGLU, DropPath, RoPE frequencies from ``freq_bands``,
-applied as LLaMA's complex rotation) and registered with timm on ``import models``:
+applied as LLaMA's complex rotation) and registered with timm on ``import effitrain.models``:
 ``timm.create_model("illama_tiny_patch16_224")``.
 """
 
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from effitrain.models.intermediates import take_indices, tokens_to_nchw
 from timm.layers import (
     DropPath,
     PatchEmbed,
@@ -36,6 +37,7 @@ from timm.layers import (
     SwiGLU,
     calculate_drop_path_rates,
     freq_bands,
+    register_notrace_function,
     resample_abs_pos_embed,
     trunc_normal_,
 )
@@ -47,8 +49,10 @@ __all__ = ["ILLaMA"]
 
 MASK_MODES = ("official", "strict")
 CLASS_TOKEN_POSITIONS = ("last", "first")
+GLOBAL_POOLS = ("token", "avg", "")
 
 
+@register_notrace_function  # FX: a leaf (its size comes from the input's shape)
 def rope_freqs(num_tokens: int, head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
     """LLaMA's 1-D RoPE table ``freqs_cis``: e^{i·m·θ_j} for positions m = 0..num_tokens-1 and
     θ_j = theta^(-2j/head_dim) (timm's ``freq_bands``), complex64 (num_tokens, head_dim / 2)."""
@@ -57,6 +61,7 @@ def rope_freqs(num_tokens: int, head_dim: int, theta: float, device: torch.devic
     return torch.polar(torch.ones_like(angles), angles)
 
 
+@register_notrace_function  # FX: a leaf (layout checks on the input)
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate the adjacent channel pairs (x_2j, x_2j+1) of x (..., N, head_dim) by ``freqs`` (N, head_dim/2),
     as LLaMA's ``apply_rotary_emb``: one complex multiply, in fp32. Same values as timm's
@@ -131,7 +136,8 @@ class ILLaMA(nn.Module):
     Args:
         img_size, patch_size, in_chans: input geometry (any size divisible by the patch).
         num_classes: classifier outputs (0: no head).
-        global_pool: ``'token'`` reads the class token (the paper), ``'avg'`` averages the patch tokens.
+        global_pool: ``'token'`` reads the class token (the paper), ``'avg'`` averages the patch tokens,
+            ``''`` keeps every token (the head, if any, applies to each).
         embed_dim, depth, num_heads: width, blocks, heads.
         mlp_ratio, mlp_align: SwiGLU hidden = ``int(2/3 · int(mlp_ratio·D))`` rounded up to ``mlp_align``
             (8D/3 to a multiple of 256 in the paper: 512 / 1024 / 2048 / 2816 for T / S / B / L).
@@ -151,8 +157,7 @@ class ILLaMA(nn.Module):
                  soft_mask_rate: float = 0.0, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_layer: Callable[..., nn.Module] | None = None, mlp_layer: Callable[..., nn.Module] | None = None):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}.")
+        _check_pool(global_pool)
         if class_token_position not in CLASS_TOKEN_POSITIONS:
             raise ValueError(f"class_token_position must be one of {CLASS_TOKEN_POSITIONS}, "
                              f"got {class_token_position!r}.")
@@ -174,6 +179,7 @@ class ILLaMA(nn.Module):
             Block(embed_dim, num_heads, int(2 * int(embed_dim * mlp_ratio) / 3), mlp_align, qkv_bias, dpr[i],
                   norm_layer, mlp_layer or SwiGLU)
             for i in range(depth)])
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         self.norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -202,6 +208,9 @@ class ILLaMA(nn.Module):
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mode!r}: 'official' is the released "
                              "code's post-softmax mask, 'strict' the exactly causal mix of two softmaxes.")
         self._mask_mode = mode
+        # timm's exports (save_for_hf) write the factory's `_model_args` as the reload arguments: keep the
+        # current mode there, so a folder reloads with the mask it was saved with.
+        self.__dict__.setdefault("_model_args", {})["mask_mode"] = mode
 
     # --- timm interface ---------------------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -235,9 +244,7 @@ class ILLaMA(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ("token", "avg"):
-                raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}.")
-            self.global_pool = global_pool
+            self.global_pool = _check_pool(global_pool)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     @property
@@ -252,25 +259,86 @@ class ILLaMA(nn.Module):
         causal = torch.ones(num_tokens, num_tokens, device=x.device, dtype=x.dtype).tril_()
         return causal if rate == 0.0 else rate + (1.0 - rate) * causal
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """All tokens after the final norm, (B, N, D): patches in raster order, class token last (or first)."""
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat((x, cls) if self.class_token_position == "last" else (cls, x), dim=1) + self.pos_embed
+        return torch.cat((x, cls) if self.class_token_position == "last" else (cls, x), dim=1) + self.pos_embed
+
+    def _block_args(self, x: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+        """RoPE table, mask rate and (official mode) mask shared by every block."""
         num_tokens = x.shape[1]
-        rope = rope_freqs(num_tokens, self.head_dim, self.rope_theta, x.device)
-        rate, soft_mask = self.soft_mask_rate, self.soft_mask(num_tokens, x)
+        return (rope_freqs(num_tokens, self.head_dim, self.rope_theta, x.device), self.soft_mask_rate,
+                self.soft_mask(num_tokens, x))
+
+    def _block(self, block: nn.Module, x: torch.Tensor, rope: torch.Tensor, rate: float,
+               soft_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(block, x, rope, rate, soft_mask)
+        return block(x, rope, rate, soft_mask)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """All tokens after the final norm, (B, N, D): patches in raster order, class token last (or first)."""
+        x = self._embed(x)
+        rope, rate, soft_mask = self._block_args(x)
         for block in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, rope, rate, soft_mask)
-            else:
-                x = block(x, rope, rate, soft_mask)
+            x = self._block(block, x, rope, rate, soft_mask)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature-extraction forward (as ``VisionTransformer.forward_intermediates``).
+
+        Args:
+            indices: blocks to return: ``None`` all, an int n the last n, a list the given ones.
+            return_prefix_tokens: return (patch tokens, class token) pairs.
+            norm: apply the final norm to each intermediate.
+            stop_early: skip the blocks after the last one taken (the final features are then not computed:
+                use with ``intermediates_only``).
+            output_fmt: ``'NCHW'`` (patch grid) or ``'NLC'`` (tokens).
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            (final features as :meth:`forward_features`, intermediates), or the intermediates alone.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        taken, last = take_indices(len(self.blocks), indices)
+        blocks = self.blocks[:last + 1] if stop_early else self.blocks
+        intermediates, x = [], self._embed(x)
+        rope, rate, soft_mask = self._block_args(x)
+        for i, block in enumerate(blocks):
+            x = self._block(block, x, rope, rate, soft_mask)
+            if i in taken:
+                intermediates.append(self.norm(x) if norm else x)
+        cls = slice(-1, None) if self.class_token_position == "last" else slice(0, 1)
+        patches = slice(0, -1) if self.class_token_position == "last" else slice(1, None)
+        prefix = [y[:, cls] for y in intermediates]
+        intermediates = [y[:, patches] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [tokens_to_nchw(y, self.patch_embed.grid_size) for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last one ``indices`` takes (and the final norm / head); returns the
+        absolute indices kept (``features_only=True`` uses this)."""
+        taken, last = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return taken
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
             x = x[:, self.cls_index]
-        else:
+        elif self.global_pool == "avg":
             x = (x[:, :-1] if self.class_token_position == "last" else x[:, 1:]).mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
@@ -299,10 +367,19 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ILLaMA) -> 
     return out
 
 
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} ('' keeps every token), got {global_pool!r}.")
+    return global_pool
+
+
 def _create_illama(variant: str, pretrained: bool = False, **kwargs) -> ILLaMA:
     if pretrained:  # the released weights were trained with the post-softmax mask: load them as such
         kwargs.setdefault("mask_mode", "official")
-    return build_model_with_cfg(ILLaMA, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    # features_only=True: the last 3 blocks' outputs by default, through forward_intermediates (as timm's ViT)
+    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", 12)))
+    return build_model_with_cfg(ILLaMA, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict[str, Any]:

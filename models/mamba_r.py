@@ -18,7 +18,7 @@ token, the no-register baseline. ``num_registers=0`` averages all tokens.
 Parameter names follow the official code (``cls_token`` / ``pos_embed_cls`` are the registers), so its
 checkpoints load as they are; ``pos_embed`` is resampled to the model's grid on load (128 -> 224 px stages).
 
-    timm.create_model("mambar_base_patch16_224", img_size=128)   # after ``import models``
+    timm.create_model("mambar_base_patch16_224", img_size=128)   # after ``import effitrain.models``
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from effitrain.models.intermediates import take_indices, tokens_to_nchw
 from effitrain.models.selective_scan import IMPLEMENTATIONS, selective_scan
 from timm.layers import (
     DropPath,
@@ -36,6 +37,7 @@ from timm.layers import (
     RmsNormFp32,
     calculate_drop_path_rates,
     lecun_normal_,
+    register_notrace_module,
     resample_abs_pos_embed,
     trunc_normal_,
 )
@@ -44,6 +46,8 @@ from timm.models._manipulate import checkpoint
 from torch import nn
 
 __all__ = ["MambaR", "BiMambaMixer", "register_layout"]
+
+GLOBAL_POOLS = ("token", "avg", "")
 
 
 def register_layout(num_patches: int, num_registers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +69,7 @@ def register_layout(num_patches: int, num_registers: int) -> tuple[torch.Tensor,
     return token_idx, positions
 
 
+@register_notrace_module  # FX: a leaf (the selective scan picks its kernel at run time)
 class BiMambaMixer(nn.Module):
     """Vim's bidirectional Mamba mixer (``Mamba(biscan=True)`` of the official ``mamba_custom.py``).
 
@@ -150,6 +155,9 @@ class MambaR(nn.Module):
             class token; 0 = no token, mean of all tokens.
         cls_reduce: each register's output is reduced D -> D/cls_reduce by ``neck`` (with an RMSNorm over the
             flattened registers) when > 1; the head reads R·D/cls_reduce features.
+        global_pool: ``'token'`` recycles the registers (the paper; the default with registers), ``'avg'``
+            averages all tokens (the default without), ``''`` keeps every token (the head, if any, applies to
+            each). ``num_features`` is the token width D; ``head_hidden_size`` the width the head reads.
         d_state, expand, d_conv: Mamba's N, Di/D and conv kernel.
         drop_rate: dropout before the head; drop_path_rate: stochastic depth, linspace(0, rate, depth).
         norm_eps: RMSNorm eps (1e-5).
@@ -162,7 +170,7 @@ class MambaR(nn.Module):
                  num_classes: int = 1000, embed_dim: int = 192, depth: int = 24, num_registers: int = 12,
                  cls_reduce: int = 1, d_state: int = 16, expand: int = 2, d_conv: int = 4, drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_eps: float = 1e-5, dynamic_img_size: bool = False,
-                 scan_impl: str = "auto", scan_chunk_size: int = 64):
+                 scan_impl: str = "auto", scan_chunk_size: int = 64, global_pool: str | None = None):
         super().__init__()
         if num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")
@@ -171,8 +179,9 @@ class MambaR(nn.Module):
         if cls_reduce > 1 and num_registers == 0:
             raise ValueError("cls_reduce > 1 reduces register outputs: it needs num_registers > 0")
         self.num_classes, self.num_registers, self.cls_reduce = num_classes, num_registers, cls_reduce
-        self.embed_dim = embed_dim
-        self.num_features = self.head_hidden_size = embed_dim * max(num_registers, 1) // cls_reduce
+        self.global_pool = self._check_pool("token" if num_registers > 0 else "avg", global_pool)
+        self.num_features = self.embed_dim = embed_dim  # the width of forward_features' tokens (timm's rule)
+        self.head_hidden_size = self._head_width()  # the width forward_head(pre_logits=True) returns
         self.dynamic_img_size, self.grad_checkpointing = dynamic_img_size, False
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
@@ -190,14 +199,29 @@ class MambaR(nn.Module):
         # block i drops the output of mixer i-1, so mixer j's output is dropped with rate dpr[j]
         self.layers = nn.ModuleList(
             [Block(embed_dim, mixer(embed_dim), ([0.0] + dpr)[i], norm_eps) for i in range(depth)])
+        self.feature_info = [dict(module=f"layers.{i}", num_chs=embed_dim, reduction=patch_size)
+                             for i in range(depth)]
         self.drop_path = DropPath(dpr[-1]) if drop_path_rate > 0.0 else nn.Identity()
         self.norm_f = RmsNormFp32(embed_dim, eps=norm_eps)
         if cls_reduce > 1:
             self.neck = nn.Linear(embed_dim, embed_dim // cls_reduce, bias=False)
-            self.norm_neck = RmsNormFp32(self.num_features, eps=norm_eps)
+            self.norm_neck = RmsNormFp32(embed_dim * num_registers // cls_reduce, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights(depth)
+
+    def _check_pool(self, default: str, global_pool: str | None) -> str:
+        pool = default if global_pool is None else global_pool
+        if pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS} ('' keeps every token), got {pool!r}.")
+        if pool == "token" and self.num_registers == 0:
+            raise ValueError("global_pool='token' reads the registers: it needs num_registers > 0 (use 'avg').")
+        return pool
+
+    def _head_width(self) -> int:
+        if self.global_pool == "token":
+            return self.embed_dim * self.num_registers // self.cls_reduce
+        return self.embed_dim
 
     def _set_layout(self, num_patches: int) -> None:
         token_idx, positions = register_layout(num_patches, self.num_registers)
@@ -245,7 +269,10 @@ class MambaR(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if global_pool is not None:
+            self.global_pool = self._check_pool(self.global_pool, global_pool)
+            self.head_hidden_size = self._head_width()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_input_size(self, img_size: int | tuple[int, int]) -> None:
         """Change the build-time image size: pos_embed is resampled (bicubic), the registers are kept."""
@@ -274,16 +301,74 @@ class MambaR(nn.Module):
             x = torch.cat([x, registers], dim=1)[:, token_idx]
         return x
 
+    def _layer(self, layer: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(layer, hidden, residual)
+        return layer(hidden, residual)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, (B, n_patches + R, D), registers at ``register_positions``."""
         hidden, residual = self._embed(x), None
         for layer in self.layers:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                hidden, residual = checkpoint(layer, hidden, residual)
-            else:
-                hidden, residual = layer(hidden, residual)
-        residual = residual + self.drop_path(hidden).float()
+            hidden, residual = self._layer(layer, hidden, residual)
+        residual = hidden.float() if residual is None else residual + self.drop_path(hidden).float()
         return self.norm_f(residual)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature-extraction forward (as ``VisionTransformer.forward_intermediates``).
+
+        Intermediate i is the residual stream after block i (its input plus its mixer output), the tensor the
+        final norm reads after the last block; the registers are split off as prefix tokens.
+
+        Args:
+            indices: blocks to return: ``None`` all, an int n the last n, a list the given ones.
+            return_prefix_tokens: return (patch tokens, register tokens) pairs.
+            norm: apply the final norm to each intermediate.
+            stop_early: skip the blocks after the last one taken (use with ``intermediates_only``).
+            output_fmt: ``'NCHW'`` (patch grid) or ``'NLC'`` (tokens).
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            (final features as :meth:`forward_features`, intermediates), or the intermediates alone.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        taken, last = take_indices(len(self.layers), indices)
+        layers = self.layers[:last + 1] if stop_early else self.layers
+        grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+        hidden, residual, intermediates = self._embed(x), None, []
+        for i, layer in enumerate(layers):
+            hidden, residual = self._layer(layer, hidden, residual)
+            if i in taken:
+                stream = residual + self.drop_path(hidden).float()
+                intermediates.append(self.norm_f(stream) if norm else stream)
+        positions = self._register_positions(hidden.shape[1])
+        is_patch = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
+        is_patch[positions] = False
+        prefix = [y[:, positions] for y in intermediates]
+        intermediates = [y[:, is_patch] for y in intermediates]  # patches in raster order
+        if output_fmt == "NCHW":
+            intermediates = [tokens_to_nchw(y, grid) for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm_f(residual + self.drop_path(hidden).float()), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last one ``indices`` takes (and the final norm / neck and head);
+        returns the absolute indices kept (``features_only=True`` uses this)."""
+        taken, last = take_indices(len(self.layers), indices)
+        self.layers = self.layers[:last + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return taken
 
     def _register_positions(self, seqlen: int) -> torch.Tensor:
         if self.dynamic_img_size:
@@ -291,9 +376,9 @@ class MambaR(nn.Module):
         return self.register_positions
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.num_registers == 0:
+        if self.global_pool == "avg":
             x = x.mean(dim=1)
-        else:
+        elif self.global_pool == "token":
             x = x[:, self._register_positions(x.shape[1])]  # (B, R, D): recycle the registers
             if self.cls_reduce > 1:
                 x = self.norm_neck(self.neck(x).flatten(1))
@@ -324,7 +409,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MambaR) -> 
 
 
 def _create_mambar(variant: str, pretrained: bool = False, **kwargs) -> MambaR:
-    return build_model_with_cfg(MambaR, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    # features_only=True: the last 3 blocks' outputs by default, through forward_intermediates (as timm's ViT)
+    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", 24)))
+    return build_model_with_cfg(MambaR, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict[str, Any]:

@@ -13,24 +13,28 @@ segment x_t ──► decoder = base (own tokens: base weights) ─ attends to �
   compress independently. All <mem> tokens share one learned embedding, initialised from EOS.
 - Decoder: the memory K/V form a prefix ahead of the segment's own K/V; RoPE positions run from 0 over the
   concatenation. With no memory the decoder is exactly the base model.
-- The two LoRAs are peft adapters (``uio_encoder`` on q/v, ``uio_transfer`` on k/v) injected into one frozen
-  base; the attention is written here because each adapter applies to a subset of the tokens only.
+- The two LoRAs (``uio_encoder`` on q/v, ``uio_transfer`` on k/v; peft's LoRA init, B = 0) sit beside the
+  frozen base, not inside it: the base model object given to ``from_base`` keeps its modules and state dict
+  (only ``requires_grad`` is switched off). The attention is written here because each LoRA applies to a
+  subset of the tokens only.
+- Saving follows transformers: ``save_pretrained`` writes ``config.json`` (``model_type: effitrain_memory_lm``,
+  the base's config nested) and the weights; ``AutoModel.from_pretrained`` loads it once ``effitrain.models``
+  is imported (it registers ``MemoryLMConfig``/``MemoryLM`` with the Auto classes).
 - Context budget: the k-th segment's tokens sit at positions m·(k-1) + [0, l), so a base with P positions
   reads ``max_context_length`` = l·(⌊(P-l)/m⌋ + 1) tokens (99,328 for Llama-2 at 32x).
 """
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from effitrain.methods.incremental_tbptt import IncrementalTBPTT
-from peft import LoraConfig, inject_adapter_in_model
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
 
 ENCODER_ADAPTER, TRANSFER_ADAPTER = "uio_encoder", "uio_transfer"
@@ -63,76 +67,147 @@ def encoder_positions(segment_length: int, num_memory_tokens: int) -> Tensor:
     return torch.cat([torch.arange(segment_length), memory])[None]
 
 
-def _project(linear: nn.Module, x: Tensor, adapter: str | None) -> Tensor:
-    """``linear(x)`` with the base weights, plus the named peft LoRA adapter's delta when one is given."""
-    base = getattr(linear, "base_layer", linear)
-    out = base(x)
-    if adapter is None or adapter not in getattr(linear, "lora_A", {}):
-        return out
-    lora_a, lora_b = linear.lora_A[adapter], linear.lora_B[adapter]
-    delta = lora_b(lora_a(linear.lora_dropout[adapter](x.to(lora_a.weight.dtype))))
-    return out + (delta * linear.scaling[adapter]).to(out.dtype)
+class LoraDelta(nn.Module):
+    """The LoRA update s·B·A·dropout(x) of one projection (peft's init: A kaiming-uniform a=√5, B = 0)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, out_features, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scaling = alpha / rank
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+
+
+def _project(linear: nn.Module, x: Tensor, lora: LoraDelta | None) -> Tensor:
+    """``linear(x)`` with the base weights, plus the LoRA's delta when one is given."""
+    out = linear(x)
+    return out if lora is None else out + lora(x).to(out.dtype)
+
+
+class MemoryLMConfig(PretrainedConfig):
+    """The settings of a ``MemoryLM`` and its base's config (a dict with the base's ``model_type``).
+
+    Args:
+        base_config: the base causal LM's config (``PretrainedConfig`` or its ``to_dict()``).
+        segment_length, num_memory_tokens, encoder_rank, encoder_alpha, transfer_rank, transfer_alpha,
+        lora_dropout, max_positions: as ``MemoryLM.from_base``.
+    """
+
+    model_type = "effitrain_memory_lm"
+
+    def __init__(self, base_config: dict[str, Any] | PretrainedConfig | None = None, segment_length: int = 1024,
+                 num_memory_tokens: int = 32, encoder_rank: int = 128, encoder_alpha: float = 512,
+                 transfer_rank: int = 128, transfer_alpha: float = 512, lora_dropout: float = 0.0,
+                 max_positions: int | None = None, **kwargs: Any) -> None:
+        self.base_config = base_config.to_dict() if isinstance(base_config, PretrainedConfig) else base_config
+        self.segment_length, self.num_memory_tokens = segment_length, num_memory_tokens
+        self.encoder_rank, self.encoder_alpha = encoder_rank, encoder_alpha
+        self.transfer_rank, self.transfer_alpha = transfer_rank, transfer_alpha
+        self.lora_dropout, self.max_positions = lora_dropout, max_positions
+        super().__init__(**kwargs)
+
+    def base(self) -> PretrainedConfig:
+        """The base's config object."""
+        if not self.base_config:
+            raise ValueError("MemoryLMConfig has no base_config: build the model with MemoryLM.from_base(base, ...).")
+        settings = dict(self.base_config)
+        return AutoConfig.for_model(settings.pop("model_type"), **settings)
 
 
 def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-class MemoryLM(nn.Module):
+class MemoryLM(PreTrainedModel):
     """Encoder/decoder memory model on a transformers LLaMA-family causal LM (frozen).
 
+    Build it around a loaded base with ``MemoryLM.from_base(base, segment_length=..., ...)``; save and load it
+    as any transformers model (``save_pretrained``, ``MemoryLM.from_pretrained`` or ``AutoModel.from_pretrained``).
+
     Args:
-        base: a ``LlamaForCausalLM`` (or any model with the same ``model.layers[i].self_attn.{q,k,v,o}_proj``
-            layout: Mistral, Qwen2 without biases...). Its weights are frozen.
-        segment_length: l, tokens per segment (1024 in the paper).
-        num_memory_tokens: m, <mem> tokens per segment (32 for 32x compression, 128 for 8x); divides l.
-        encoder_rank, encoder_alpha: the encoder LoRA on W_Q, W_V (r=128, α=512 in the paper).
-        transfer_rank, transfer_alpha: the transfer-head LoRA on W_K, W_V (r=128, α=512).
-        lora_dropout: dropout on the LoRA inputs (0 in the paper).
-        max_positions: RoPE budget; defaults to ``base.config.max_position_embeddings``.
+        config: a ``MemoryLMConfig``.
+        base: the base model (``from_base`` passes it); ``None`` builds one from ``config.base_config``
+            (``from_pretrained`` then loads its weights).
 
     Raises:
-        ValueError: if m does not divide l, or the base does not fit in its own position budget.
+        ValueError: if m does not divide l, the base is not LLaMA-style, or it does not fit in its own position
+            budget.
     """
 
-    def __init__(self, base: PreTrainedModel, segment_length: int = 1024, num_memory_tokens: int = 32,
-                 encoder_rank: int = 128, encoder_alpha: float = 512, transfer_rank: int = 128,
-                 transfer_alpha: float = 512, lora_dropout: float = 0.0, max_positions: int | None = None):
-        super().__init__()
+    config_class = MemoryLMConfig
+    main_input_name = "input_ids"
+
+    def __init__(self, config: MemoryLMConfig, base: PreTrainedModel | None = None):
+        super().__init__(config)
+        segment_length, num_memory_tokens = config.segment_length, config.num_memory_tokens
         if num_memory_tokens < 1 or segment_length % num_memory_tokens:
             raise ValueError(f"num_memory_tokens ({num_memory_tokens}) must divide segment_length "
                              f"({segment_length}): <mem> token i sits at position (i+1)·l/m.")
+        if base is None:
+            base = AutoModelForCausalLM.from_config(config.base())
         layers = getattr(getattr(base, "model", None), "layers", None)
         if layers is None or not hasattr(layers[0], "self_attn"):
             raise ValueError(f"{type(base).__name__} is not a LLaMA-style causal LM (no model.layers[i].self_attn).")
         self.segment_length, self.num_memory_tokens = segment_length, num_memory_tokens
-        self.max_positions = max_positions or base.config.max_position_embeddings
+        self.max_positions = config.max_positions or base.config.max_position_embeddings
         if self.max_positions < segment_length + 1:
             raise ValueError(f"segment_length {segment_length} does not fit the base's {self.max_positions} "
                              "positions (the encoder needs l+1): use shorter segments.")
         base.requires_grad_(False)
-        with warnings.catch_warnings():  # two adapters in one base is the point here
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            inject_adapter_in_model(LoraConfig(r=encoder_rank, lora_alpha=encoder_alpha, lora_dropout=lora_dropout,
-                                               target_modules=["q_proj", "v_proj"]), base,
-                                    adapter_name=ENCODER_ADAPTER)
-            inject_adapter_in_model(LoraConfig(r=transfer_rank, lora_alpha=transfer_alpha, lora_dropout=lora_dropout,
-                                               target_modules=["k_proj", "v_proj"]), base,
-                                    adapter_name=TRANSFER_ADAPTER)
-        last = f"layers.{len(layers) - 1}."
-        for name, param in base.named_parameters():  # peft activates one adapter per layer; we use both
-            # The memory is read at the last layer's input norm: its encoder q/v LoRA never reaches it.
-            param.requires_grad_(".lora_" in name and not (last in name and ENCODER_ADAPTER in name))
         self.base = base
+
+        def loras(names: tuple[str, ...], rank: int, alpha: float) -> nn.ModuleList:
+            return nn.ModuleList(
+                nn.ModuleDict({name: LoraDelta(getattr(layer.self_attn, name).in_features,
+                                               getattr(layer.self_attn, name).out_features, rank, alpha,
+                                               config.lora_dropout) for name in names})
+                for layer in layers)
+
+        self.uio_encoder = loras(("q_proj", "v_proj"), config.encoder_rank, config.encoder_alpha)
+        self.uio_transfer = loras(("k_proj", "v_proj"), config.transfer_rank, config.transfer_alpha)
+        # The memory is read at the last layer's input norm: its encoder q/v LoRA never reaches it.
+        self.uio_encoder[-1].requires_grad_(False)
         embeddings = base.get_input_embeddings().weight
         eos = base.config.eos_token_id
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos
         init = embeddings[eos] if eos is not None else embeddings.mean(0)
         self.memory_embedding = nn.Parameter(init.detach().clone())
-        self.register_buffer("encoder_mask", encoder_attention_mask(segment_length, num_memory_tokens),
-                             persistent=False)
-        self.register_buffer("encoder_positions", encoder_positions(segment_length, num_memory_tokens),
-                             persistent=False)
+        self.post_init()
+
+    @classmethod
+    def from_base(cls, base: PreTrainedModel, segment_length: int = 1024, num_memory_tokens: int = 32,
+                  encoder_rank: int = 128, encoder_alpha: float = 512, transfer_rank: int = 128,
+                  transfer_alpha: float = 512, lora_dropout: float = 0.0, max_positions: int | None = None) -> MemoryLM:
+        """Wrap a loaded causal LM (frozen, not otherwise changed) with fresh LoRAs and <mem> embedding.
+
+        Args:
+            base: a ``LlamaForCausalLM`` (or any model with the same ``model.layers[i].self_attn.{q,k,v,o}_proj``
+                layout: Mistral, Qwen2 without biases...).
+            segment_length: l, tokens per segment (1024 in the paper).
+            num_memory_tokens: m, <mem> tokens per segment (32 for 32x compression, 128 for 8x); divides l.
+            encoder_rank, encoder_alpha: the encoder LoRA on W_Q, W_V (r=128, α=512 in the paper).
+            transfer_rank, transfer_alpha: the transfer-head LoRA on W_K, W_V (r=128, α=512).
+            lora_dropout: dropout on the LoRA inputs (0 in the paper).
+            max_positions: RoPE budget; defaults to ``base.config.max_position_embeddings``.
+        """
+        config = MemoryLMConfig(base.config, segment_length, num_memory_tokens, encoder_rank, encoder_alpha,
+                                transfer_rank, transfer_alpha, lora_dropout, max_positions)
+        return cls(config, base=base)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Everything is initialised in __init__ (the base by its own class); nothing to redo after loading.
+        pass
+
+    def _lora(self, adapter: str | None, index: int, name: str) -> LoraDelta | None:
+        if adapter is None:
+            return None
+        loras = getattr(self, adapter)[index]
+        return loras[name] if name in loras else None
 
     # ----------------------------------------------------------------------------------------- structure
     @property
@@ -155,6 +230,12 @@ class MemoryLM(nn.Module):
         """The LoRAs and the <mem> embedding: everything UIO trains (about 2% of a 7B model)."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
+    def encoder_mask(self, device: torch.device) -> Tensor:
+        return encoder_attention_mask(self.segment_length, self.num_memory_tokens).to(device)
+
+    def encoder_positions(self, device: torch.device) -> Tensor:
+        return encoder_positions(self.segment_length, self.num_memory_tokens).to(device)
+
     # ------------------------------------------------------------------------------------------- layers
     def _run_layers(self, hidden: Tensor, positions: Tensor, mask: Tensor, past: KVCache | None,
                     adapter: str | None, capture_from: int | None = None) -> tuple[Tensor, KVCache, list[Tensor]]:
@@ -174,9 +255,9 @@ class MemoryLM(nn.Module):
                 if index == len(self.layers) - 1:
                     break
             shape = (batch, length, -1, attn.head_dim)
-            q = _project(attn.q_proj, x, adapter).view(shape).transpose(1, 2)
+            q = _project(attn.q_proj, x, self._lora(adapter, index, "q_proj")).view(shape).transpose(1, 2)
             k = _project(attn.k_proj, x, None).view(shape).transpose(1, 2)
-            v = _project(attn.v_proj, x, adapter).view(shape).transpose(1, 2)
+            v = _project(attn.v_proj, x, self._lora(adapter, index, "v_proj")).view(shape).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             if past is not None:
                 k, v = torch.cat([past[index][0], k], dim=2), torch.cat([past[index][1], v], dim=2)
@@ -197,8 +278,9 @@ class MemoryLM(nn.Module):
         tokens = self.base.get_input_embeddings()(segment_ids)
         memory = self.memory_embedding.to(tokens.dtype).expand(batch, self.num_memory_tokens, -1)
         hidden = torch.cat([tokens, memory], dim=1)
-        _, _, captured = self._run_layers(hidden, self.encoder_positions, self.encoder_mask, None,
-                                          ENCODER_ADAPTER, capture_from=length)
+        _, _, captured = self._run_layers(hidden, self.encoder_positions(hidden.device),
+                                          self.encoder_mask(hidden.device), None, ENCODER_ADAPTER,
+                                          capture_from=length)
         return torch.stack(captured)
 
     def memory_kv(self, memories: Sequence[Tensor]) -> KVCache | None:
@@ -210,11 +292,11 @@ class MemoryLM(nn.Module):
         positions = torch.arange(length, device=states.device)[None]
         cos, sin = self.base.model.rotary_emb(states[0], positions)
         cache = []
-        for layer, h in zip(self.layers, states, strict=True):
+        for index, (layer, h) in enumerate(zip(self.layers, states, strict=True)):
             attn = layer.self_attn
             shape = (batch, length, -1, attn.head_dim)
-            k = _project(attn.k_proj, h, TRANSFER_ADAPTER).view(shape).transpose(1, 2)
-            v = _project(attn.v_proj, h, TRANSFER_ADAPTER).view(shape).transpose(1, 2)
+            k = _project(attn.k_proj, h, self._lora(TRANSFER_ADAPTER, index, "k_proj")).view(shape).transpose(1, 2)
+            v = _project(attn.v_proj, h, self._lora(TRANSFER_ADAPTER, index, "v_proj")).view(shape).transpose(1, 2)
             cache.append((_rope(k, cos, sin), v))
         return cache
 
@@ -330,3 +412,7 @@ class MemoryLM(nn.Module):
             pending = torch.cat([pending, token], dim=1)
         self.last_cache_length = cache[0][0].shape[2] if cache else 0
         return torch.cat([input_ids, *generated], dim=1)
+
+
+AutoConfig.register(MemoryLMConfig.model_type, MemoryLMConfig, exist_ok=True)
+AutoModel.register(MemoryLMConfig, MemoryLM, exist_ok=True)

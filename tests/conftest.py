@@ -36,6 +36,7 @@ def small_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory, small_corpus) -> Path:
     """A tiny random LLaMA (width 128, 2 layers) saved with a 512-token BPE, as ``from_pretrained`` expects."""
+    import torch
     from effitrain.datamodules.tokenizer import train_bpe_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,6 +44,7 @@ def tiny_lm_dir(tmp_path_factory, small_corpus) -> Path:
     tokenizer = train_bpe_tokenizer((p.read_text() for p in sorted(small_corpus.glob("*.txt"))), vocab_size=512)
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    torch.manual_seed(0)  # the same weights in every session (pinned losses start from them)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -74,6 +74,17 @@ def test_instructions_learn_only_the_response(tiny_lm_dir):
     assert arithmetic_records(5, seed=1) == arithmetic_records(5, seed=1) != arithmetic_records(5, seed=2)
 
 
+def test_instructions_train_on_inputs_learns_prompt_and_response(tiny_lm_dir):
+    """``train_on_inputs`` (LLM-Adapters' finetune.py): every real token is a label, the prompt included."""
+    dm = InstructionDataModule(tokenizer=str(tiny_lm_dir), num_examples=50, batch_size=4, train_on_inputs=True)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        real = mask.bool()
+        assert torch.equal(labels[real], ids[real]) and (labels[~real] == -100).all()
+        assert "### Response" in dm.tokenizer.decode(labels[real])
+
+
 def test_instructions_from_alpaca_jsonl(tiny_lm_dir, tmp_path):
     rows = [{"instruction": "Say hi", "input": "", "output": "hi"}, {"instruction": "Add", "input": "1 2", "output": "3"}]
     path = tmp_path / "alpaca.jsonl"

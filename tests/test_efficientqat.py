@@ -8,7 +8,8 @@ import pytest
 import torch
 from effitrain.lightning_modules.efficientqat_block_ap import EfficientQATBlockAP
 from effitrain.lightning_modules.efficientqat_e2e_qp import EfficientQATE2EQP
-from effitrain.methods.quantization import QuantLinear, load_quantized
+from effitrain.methods.gptq_format import load_quantized
+from effitrain.methods.quantization import QuantLinear
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -10,9 +10,11 @@ import math
 import lightning as L
 import pytest
 import torch
+import yaml
 from conftest import REPO, run_cli
 from effitrain.callbacks.forgetting_monitor import ForgettingMonitor
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -152,6 +154,10 @@ def test_scalar_loss_module_and_resume_keeps_the_original_theta0(tmp_path):
     resumed = Scalar()
     trainer(4, resumed_monitor, tmp_path).fit(resumed, data, ckpt_path=ckpt)
     assert len(resumed_monitor.history) == 3  # start, end of the first run, end of the resumed run
+    # θ0 lives once on disk: the checkpoint holds its path, the file the starting weights
+    state = torch.load(ckpt, weights_only=False)["callbacks"]["ForgettingMonitor"]
+    assert state["theta0"] == str(tmp_path / "forgetting_theta0.safetensors")
+    assert torch.equal(load_file(state["theta0"])["w"], torch.ones(4))
     dist = (resumed.w.detach() - torch.ones(4)).norm().item() / torch.ones(4).norm().item()
     assert resumed_monitor.history[-1]["forgetting/rel_dist"] == pytest.approx(dist, rel=1e-5)
 
@@ -164,9 +170,22 @@ def test_bad_arguments_fail_early():
 
 
 def test_fragment_composes_with_the_lora_recipe(capsys):
-    args = ["fit", "--config", str(REPO / "configs/moslora/lora.yaml"),
-            "--config", str(REPO / "configs/callbacks/forgetting_monitor.yaml"), "--print_config"]
-    with pytest.raises(SystemExit):
-        run_cli(args)
-    out = capsys.readouterr().out
-    assert "effitrain.callbacks.forgetting_monitor.ForgettingMonitor" in out and "peft.LoraConfig" in out
+    """The one ForgettingMonitor fragment: appended to a recipe from the command line it adds the callback
+    with the fragment's own settings; the MoFO recipes list it by path and resolve to the same callback."""
+    def resolved(args):
+        with pytest.raises(SystemExit):
+            run_cli(["fit", *args, "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)
+
+    fragment = yaml.safe_load((REPO / "configs/callbacks/forgetting_monitor.yaml").read_text())
+    plain = resolved(["--config", str(REPO / "configs/moslora/lora.yaml")])
+    assert not plain["trainer"].get("callbacks")
+    lora = resolved(["--config", str(REPO / "configs/moslora/lora.yaml"),
+                     f"--trainer.callbacks+={REPO / 'configs/callbacks/forgetting_monitor.yaml'}"])
+    (callback,) = lora["trainer"]["callbacks"]
+    assert callback["class_path"] == fragment["class_path"] and lora["model"]["init_args"]["adapter"]
+    for key in ("every_n_steps", "max_batches"):
+        assert callback["init_args"][key] == fragment["init_args"][key]
+    for recipe in ("mofo", "adamw_ft"):
+        (listed,) = resolved(["--config", str(REPO / f"configs/mofo/{recipe}.yaml")])["trainer"]["callbacks"]
+        assert listed == callback

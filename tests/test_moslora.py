@@ -183,7 +183,7 @@ def test_save_load_and_plain_lora_export(tmp_path: Path) -> None:
     # the official fork's adapter_config.json flags the mixer with use_moslora (no mixer_init); same lora_AB keys
     config_file = tmp_path / "adapter" / "adapter_config.json"
     saved = json.loads(config_file.read_text())
-    saved.pop("mixer_init"), saved.update(use_moslora=True)
+    saved.pop("mixer_init"), saved.update(use_moslora=True, peft_type="LORA")
     config_file.write_text(json.dumps(saved))
     torch.testing.assert_close(load_moslora(base(), tmp_path / "adapter")(x).logits, expected, atol=0, rtol=0)
 

@@ -13,9 +13,10 @@ from effitrain.datamodules.instructions import InstructionDataModule, arithmetic
 from effitrain.datamodules.tokenizer import train_bpe_tokenizer
 from effitrain.lightning_modules.adapter_lm import AdapterCausalLM
 from effitrain.lightning_modules.adapter_vit import AdapterImageClassifier
+from effitrain.lightning_modules.causal_lm import load_causal_lm
 from effitrain.methods.moslora import MoSLoraConfig, load_moslora
 from lightning.pytorch.callbacks import ModelCheckpoint
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import AutoModelForCausalLM
 
@@ -84,8 +85,11 @@ def test_lm_exports_load_with_peft_and_transformers(tmp_path: Path, tokenizer_di
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(merged(x).logits, expected, atol=1e-5, rtol=1e-5)
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
-    reloaded = load_moslora(lm_module().model.get_base_model(), tmp_path / "adapter").eval()
-    torch.testing.assert_close(reloaded(x).logits, expected, atol=0, rtol=0)
+    native = load_moslora(lm_module().model.get_base_model(), tmp_path / "adapter" / "moslora").eval()
+    torch.testing.assert_close(native(x).logits, expected, atol=0, rtol=0)
+    torch.manual_seed(0)  # the base's weights, as lm_module() builds them
+    folded = PeftModel.from_pretrained(load_causal_lm(None, TINY), tmp_path / "adapter").eval()
+    torch.testing.assert_close(folded(x).logits, expected, atol=1e-5, rtol=0)
     assert (tmp_path / "adapter" / "tokenizer.json").exists()
 
 

@@ -1,18 +1,11 @@
-"""EfficientQAT quantizer, packing, QuantLinear and packed save/load (methods/quantization.py)."""
+"""EfficientQAT quantizer, packing, QuantLinear and packed save/load (methods/quantization.py, packing.py, quant_surgery.py, gptq_format.py)."""
 
 import pytest
 import torch
-from effitrain.methods.quantization import (
-    FakeQuantLinear,
-    QuantLinear,
-    fake_quantize,
-    init_scale_zero,
-    load_quantized,
-    pack_codes,
-    quantize_model_rtn,
-    save_quantized,
-    unpack_codes,
-)
+from effitrain.methods.gptq_format import load_quantized, save_quantized
+from effitrain.methods.packing import pack_codes, unpack_codes
+from effitrain.methods.quant_surgery import quantize_model_rtn
+from effitrain.methods.quantization import FakeQuantLinear, QuantLinear, fake_quantize, init_scale_zero
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 

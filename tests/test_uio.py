@@ -30,7 +30,7 @@ def tiny_memory_lm(seed: int = 0) -> MemoryLM:
     """fp64 so that gradient identities hold to 1e-6 regardless of summation order; LoRA B randomised so every
     trainable parameter gets a gradient (peft initialises B to zero)."""
     torch.manual_seed(seed)
-    model = MemoryLM(LlamaForCausalLM(tiny_config()), segment_length=L, num_memory_tokens=M, encoder_rank=4,
+    model = MemoryLM.from_base(LlamaForCausalLM(tiny_config()), segment_length=L, num_memory_tokens=M, encoder_rank=4,
                      encoder_alpha=8, transfer_rank=4, transfer_alpha=8).double()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -140,7 +140,7 @@ def test_no_memory_decoder_is_the_base_model():
     base = LlamaForCausalLM(tiny_config())
     reference = LlamaForCausalLM(tiny_config())
     reference.load_state_dict(base.state_dict())
-    model = MemoryLM(base, segment_length=L, num_memory_tokens=M, encoder_rank=4, transfer_rank=4)
+    model = MemoryLM.from_base(base, segment_length=L, num_memory_tokens=M, encoder_rank=4, transfer_rank=4)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -159,7 +159,7 @@ def test_transfer_head_with_zero_lora_is_the_base_projection():
         states = torch.randn(2, 1, 3, 32, dtype=torch.float64)
         (k, v) = model.memory_kv([states])[0]
         attn = model.layers[0].self_attn
-        torch.testing.assert_close(v, attn.v_proj.base_layer(states[0]).view(1, 3, 2, 8).transpose(1, 2))
+        torch.testing.assert_close(v, attn.v_proj(states[0]).view(1, 3, 2, 8).transpose(1, 2))
 
 
 def test_encoder_mask_pattern_and_positions():
@@ -216,4 +216,4 @@ def test_rope_budget_rejects_contexts_that_do_not_fit():
     with pytest.raises(ValueError, match="longest context is 976"):
         model(torch.zeros(1, 977, dtype=torch.long))
     with pytest.raises(ValueError, match="must divide"):
-        MemoryLM(LlamaForCausalLM(tiny_config()), segment_length=16, num_memory_tokens=5)
+        MemoryLM.from_base(LlamaForCausalLM(tiny_config()), segment_length=16, num_memory_tokens=5)

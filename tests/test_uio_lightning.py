@@ -11,6 +11,7 @@ from effitrain.datamodules.long_context import PasskeyDataModule
 from effitrain.lightning_modules.uio_lm import UIOLM
 from effitrain.methods.incremental_tbptt import IncrementalTBPTT
 from effitrain.methods.reservoir import RecencyWindow
+from effitrain.models.memory_lm import MemoryLM
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 SEG = 16
@@ -32,7 +33,7 @@ def tiny_uio(**kwargs) -> UIOLM:
     torch.manual_seed(0)
     module = UIOLM(pretrained=None, config=TINY, segment_length=SEG, num_memory_tokens=4, encoder_rank=4,
                    encoder_alpha=8, transfer_rank=4, transfer_alpha=8, window=1, sampler="recency",
-                   optimizer=functools.partial(torch.optim.SGD, lr=0.5), **kwargs)
+                   **{"optimizer": functools.partial(torch.optim.SGD, lr=0.5), **kwargs})
     with torch.no_grad():  # non-zero LoRA B: every trainable tensor gets a gradient from the first step
         for name, param in module.named_parameters():
             if "lora_B" in name:
@@ -100,7 +101,10 @@ def test_recipe_trains_only_memory_parameters_and_checkpoints_rng(tmp_path, tiny
         if key in base_before:
             assert torch.equal(value, base_before[key]), key
     assert any(not torch.equal(v, memory_before[k]) for k, v in trainable(module).items())
-    assert (tmp_path / "export" / "uio_memory.safetensors").exists()
+    reloaded = MemoryLM.from_pretrained(tmp_path / "export")
+    ids = torch.randint(2, 64, (1, 64))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), module.model(ids))
 
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert set(checkpoint["state_dict"]) == {f"model.{k}" for k in module.model.trainable_state_dict()}
@@ -135,3 +139,20 @@ def test_passkey_documents_have_exact_length_and_labels_only_on_the_key(tiny_lm_
     needle_end = text.index("Remember it.")
     assert len(data.tokenizer(text[needle_end:])["input_ids"]) > 40  # the question is at least min_gap away
     assert torch.equal(data.val_sets[0][3]["input_ids"], sample["input_ids"])  # deterministic
+
+
+def test_bf16_true_keeps_fp32_master_weights_and_decays_the_memory_embedding(tmp_path):
+    """Under ``bf16-true`` the frozen base is bf16 but the trainable tensors and AdamW's state stay fp32, and
+    the memory embedding is in the decayed group (the official run's single AdamW group)."""
+    module = tiny_uio(optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, precision="bf16-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(Sequences(), batch_size=1))
+    trained = dict(module.named_parameters())
+    assert all(p.dtype == torch.float32 for p in trained.values() if p.requires_grad)
+    assert trained["model.base.model.embed_tokens.weight"].dtype == torch.bfloat16
+    optimizer = trainer.optimizers[0]
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())
+    (group,) = optimizer.param_groups
+    assert group["weight_decay"] == 0.1 and "model.memory_embedding" in group["param_names"]

@@ -142,7 +142,7 @@ def test_two_process_ddp_ranks_hold_identical_masks(tmp_path):
 
 
 def test_distillation_recipe_keeps_the_teacher_out_of_optimizer_and_checkpoint():
-    from effitrain.lightning_modules.sparse_distill import SparseDistillClassifier
+    from effitrain.lightning_modules.unipts import SparseDistillClassifier
 
     with pytest.warns(UserWarning, match="teacher"):
         module = SparseDistillClassifier(model_name="test_resnet", num_classes=4)

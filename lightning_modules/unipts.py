@@ -5,6 +5,7 @@ made sparse by the ``DynamicSparsity`` callback (per-layer sparsities from ``Spa
 is a frozen copy of that dense model, taken before any mask: it is no submodule, so it is neither in the
 optimizer nor in the checkpoint (it is rebuilt from ``pretrained`` on resume). The only loss is UniPTS's
 base-decayed objective (``effitrain.methods.distillation``, Sec. 3.1); labels are used for the validation metrics.
+Any other objective of ``effitrain.methods.distillation`` plugs in through ``distill_loss`` (e.g. ``AdaptiveKL``).
 
 Run::
 
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 from effitrain.lightning_modules.image_classifier import ImageClassifier
-from effitrain.methods.distillation import base_decayed_kd_loss, decayed_base, kd_loss
+from effitrain.methods.distillation import BaseDecayedKL, DistillationLoss, HintonKL
 from lightning.pytorch.utilities import rank_zero_warn
 
 Objective = Literal["base_decayed", "kl", "ce"]
@@ -34,25 +35,32 @@ class SparseDistillClassifier(ImageClassifier):
             (plain cross-entropy on the labels, no teacher: the fine-tuning baseline).
         temperature: T of the teacher's softmax (UniPTS: 4).
         initial_base, base_decay: τ_0 and γ of τ_e = τ_0·γ^epoch (UniPTS: 8, 0.99).
+        distill_loss: any ``effitrain.methods.distillation`` objective (``ForwardKL``, ``ReverseKL``,
+            ``AdaptiveKL``, ...); replaces the one ``objective`` names (the temperature/base arguments then
+            play no part).
         teacher_train_mode: run the frozen teacher in train mode (batch statistics in BatchNorm), as the
             official code does; ``False`` uses its running statistics.
         **kwargs: ``ImageClassifier`` arguments (``model_name``, ``pretrained``, ``optimizer``, ...).
 
     Raises:
-        ValueError: an unknown objective or a non-positive temperature / base.
+        ValueError: an unknown objective, a non-positive temperature / base, or ``distill_loss`` with
+            ``objective: ce`` (which has no teacher).
     """
 
     def __init__(self, objective: Objective = "base_decayed", temperature: float = 4.0, initial_base: float = 8.0,
-                 base_decay: float = 0.99, teacher_train_mode: bool = True, **kwargs: Any):
+                 base_decay: float = 0.99, teacher_train_mode: bool = True,
+                 distill_loss: DistillationLoss | None = None, **kwargs: Any):
         if objective not in ("base_decayed", "kl", "ce"):
             raise ValueError(f"objective must be 'base_decayed', 'kl' or 'ce', got {objective!r}.")
-        if temperature <= 0 or initial_base <= 0 or not 0 < base_decay <= 1:
-            raise ValueError(f"need temperature > 0, initial_base > 0, 0 < base_decay <= 1; got {temperature}, "
-                             f"{initial_base}, {base_decay}.")
+        if objective == "ce" and distill_loss is not None:
+            raise ValueError("objective 'ce' trains on labels without a teacher, so `distill_loss` has nothing to "
+                             "distil: drop one of the two.")
+        if distill_loss is None and objective != "ce":
+            distill_loss = (BaseDecayedKL(temperature, initial_base, base_decay) if objective == "base_decayed"
+                            else HintonKL(temperature))
         super().__init__(**kwargs)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.objective, self.temperature = objective, temperature
-        self.initial_base, self.base_decay, self.teacher_train_mode = initial_base, base_decay, teacher_train_mode
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "distill_loss"])
+        self.objective, self.distill_loss, self.teacher_train_mode = objective, distill_loss, teacher_train_mode
         if objective != "ce" and kwargs.get("pretrained") is None:
             rank_zero_warn("SparseDistillClassifier without `pretrained`: the teacher is an untrained network.")
         # A plain list hides the teacher from nn.Module's registry: no parameters(), no state_dict(), no DDP.
@@ -75,14 +83,12 @@ class SparseDistillClassifier(ImageClassifier):
         if self.mixup is not None and len(images) % 2 == 0:
             images, targets = self.mixup(images, targets)
         logits = self(images)
-        if self.objective == "ce":
+        if self.distill_loss is None:
             loss = self.loss(logits, targets)
-        elif self.objective == "kl":
-            loss = kd_loss(logits, self.teacher_logits(images), self.temperature)
         else:
-            loss = base_decayed_kd_loss(logits, self.teacher_logits(images), self.current_epoch, self.temperature,
-                                        self.initial_base, self.base_decay)
-            self.log("train/base_tau", decayed_base(self.current_epoch, self.initial_base, self.base_decay))
+            loss = self.distill_loss(logits, self.teacher_logits(images), epoch=self.current_epoch)
+            if isinstance(self.distill_loss, BaseDecayedKL):
+                self.log("train/base_tau", self.distill_loss.base(self.current_epoch))
         self.log("train/loss", loss, prog_bar=True)
         if targets.ndim == 1:
             self.log("train/acc", (logits.argmax(-1) == targets).float().mean())
