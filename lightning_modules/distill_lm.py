@@ -56,14 +56,15 @@ class DistillLM(CausalLM):
                  pretrained: str | None = None, config: dict[str, Any] | None = None,
                  trust_remote_code: bool = False, dtype: str | None = None, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None):
+                 export_dir: str | None = None, overwrite_export: bool = False):
         if not 0.0 <= kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio must lie in [0, 1] (loss = (1 - kd_ratio)·CE + kd_ratio·KD), got {kd_ratio}.")
         if teacher is None and kd_ratio > 0:
             raise ValueError(f"kd_ratio={kd_ratio} needs a `teacher` (a model folder or hub name); "
                              "set kd_ratio: 0 for supervised fine-tuning without one.")
         super().__init__(pretrained, config, trust_remote_code, dtype, gradient_checkpointing, optimizer,
-                         lr_scheduler, export_dir)
+                         lr_scheduler, export_dir, overwrite_export,
+                         task_eval_size=0)  # answers are scored by AnswerQuality below, not CausalLM's task metric
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "teacher", "distill_loss"])
         self.kd_ratio = kd_ratio
         self.distill_loss = distill_loss if distill_loss is not None else AdaptiveKL(mu=0.5)

@@ -94,8 +94,9 @@ class ISViTPTQ(TrainModule):
                  model_kwargs: dict[str, Any] | None = None, num_classes: int = 10, w_bits: int = 4, a_bits: int = 4,
                  post_softmax: str = "sulq", reconstruction: str = "sos", init: str = "percentile",
                  weight_channel_wise: bool = True, calib_images: int = 1024, iters: int = 1000, batch_size: int = 64,
-                 lr: float = 4e-5, init_images: int = 256, seed: int = 0, export_dir: str | None = None):
-        super().__init__(export_dir=export_dir)
+                 lr: float = 4e-5, init_images: int = 256, seed: int = 0, export_dir: str | None = None,
+                 overwrite_export: bool = False):
+        super().__init__(export_dir=export_dir, overwrite_export=overwrite_export)
         self.save_hyperparameters()
         if calib_images < batch_size:
             raise ValueError(f"calib_images={calib_images} is fewer than batch_size={batch_size}: every "
