@@ -95,6 +95,7 @@ class AdapterMixin:
     model: PeftModel
     checkpoint_trainable_only = True  # the frozen base is rebuilt from `pretrained` at resume
     export_kind = "adapter"
+    checkpoint_trainable_only = True  # the frozen base is rebuilt from `pretrained` at resume
 
     def written_outputs(self) -> dict[str, str]:
         outputs = super().written_outputs()  # the adapter folder (export_dir)

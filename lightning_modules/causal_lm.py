@@ -93,6 +93,9 @@ class CausalLM(TrainModule):
         task_max_new_tokens: the longest generated answer.
     """
 
+    #: the task metric's settings change what is logged, not the model: a resume may change them
+    run_args = TrainModule.run_args + ("task_eval_size", "task_max_new_tokens")
+
     def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None,
                  trust_remote_code: bool = False, dtype: str | None = None, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,

@@ -183,7 +183,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> EffitrainCLI:
     """The CLI object (tests and notebooks use this; the console script uses :func:`main`)."""
     quiet_known_warnings()
     import_recipe_classes()
-    if args is None:  # LightningCLI reads sys.argv itself (and warns when given both)
+    if args is None:  # resolved in place: LightningCLI warns when given `args` beside a command line
         sys.argv[1:] = resolve_config_args(sys.argv[1:])
     else:
         args = resolve_config_args(list(args))

@@ -63,7 +63,8 @@ class DistillLM(CausalLM):
             raise ValueError(f"kd_ratio={kd_ratio} needs a `teacher` (a model folder or hub name); "
                              "set kd_ratio: 0 for supervised fine-tuning without one.")
         super().__init__(pretrained, config, trust_remote_code, dtype, gradient_checkpointing, optimizer,
-                         lr_scheduler, export_dir, overwrite_export)
+                         lr_scheduler, export_dir, overwrite_export,
+                         task_eval_size=0)  # answers are scored by AnswerQuality below, not CausalLM's task metric
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "teacher", "distill_loss"])
         self.kd_ratio = kd_ratio
         self.distill_loss = distill_loss if distill_loss is not None else AdaptiveKL(mu=0.5)
