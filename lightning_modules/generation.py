@@ -3,12 +3,15 @@ reference responses with ROUGE-L (torchmetrics) and exact match.
 
 A batch from ``InstructionDataModule`` holds prompt + response tokens with labels −100 on the prompt; the
 prompt is every token before the first labelled one, and the reference is the labelled tokens (without the
-end-of-sequence token). Any recipe that trains on those batches can share ``AnswerQuality``.
+end-of-sequence token). Any recipe that trains on those batches can share ``AnswerQuality``; the greedy
+decoding is ``effitrain.methods.task_metrics.greedy_continuations``, shared with the instruction recipes'
+task metric.
 """
 
 from __future__ import annotations
 
 import torch
+from effitrain.methods.task_metrics import greedy_continuations as greedy_answers
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import ROUGEScore
@@ -28,28 +31,6 @@ def split_prompts(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask:
         length = int(attention_mask[row].sum()) if attention_mask is not None else input_ids.shape[1]
         pairs.append((input_ids[row, :start].tolist(), input_ids[row, start:length].tolist()))
     return pairs
-
-
-@torch.no_grad()
-def greedy_answers(model: nn.Module, prompts: list[list[int]], pad_id: int, eos_id: int,
-                   max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of ``prompts`` (left-padded into one batch), cut at the first end-of-sequence."""
-    width = max(len(p) for p in prompts)
-    device = next(model.parameters()).device
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, device=device)
-        mask[row, width - len(prompt):] = 1
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad_id, eos_token_id=eos_id)
-    model.train(was_training)
-    answers = []
-    for row in out[:, width:].tolist():
-        answers.append(row[: row.index(eos_id)] if eos_id in row else row)
-    return answers
 
 
 class AnswerQuality(nn.Module):

@@ -44,35 +44,39 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 @torch.no_grad()
+def greedy_continuations(model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int, eos_id: int,
+                         max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of token-id ``prompts``, left-padded into one batch so that every row continues
+    from its last prompt token (the attention mask keeps the padding out), each cut at its first EOS."""
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(list(ids))
+        mask[row, width - len(ids):] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_id)
+    finally:
+        model.train(was_training)
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in out[:, width:].tolist()]
+
+
 def greedy_generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 24,
                     batch_size: int = 32) -> list[str]:
     """The greedy continuation of each prompt up to EOS or ``max_new_tokens``, decoded without the prompt.
 
-    Prompts are tokenized as the instruction data tokenizes them (no special tokens) and left-padded, so that
-    every row continues from its last prompt token; the attention mask keeps the padding out.
+    Prompts are tokenized as the instruction data tokenizes them (no special tokens).
     """
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
     answers: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(encoded), width), dtype=torch.long)
-            for row, ids in enumerate(encoded):
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                mask[row, width - len(ids):] = 1
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            for row in out[:, width:].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id)]
-                answers.append(tokenizer.decode(row, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
+    for start in range(0, len(prompts), batch_size):
+        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
+        for row in greedy_continuations(model, encoded, pad, tokenizer.eos_token_id, max_new_tokens):
+            answers.append(tokenizer.decode(row, skip_special_tokens=True))
     return answers
 
 
