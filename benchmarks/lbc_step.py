@@ -16,27 +16,14 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import statistics
-import time
 
 import timm
 import torch
-import torch.nn.functional as F
 from effitrain.callbacks.nm_sparsity import timm_dense_layers
 from effitrain.methods.lbc import LearnableNMMask
 from effitrain.methods.sparsity import parse_pattern, prunable_layers, register_mask, sparsify
-
-
-def step_fn(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor):
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        loss = F.cross_entropy(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+from sparse_step import step_fn  # the same SGD training step as the UniPTS masked-step benchmark
+from timing import interleaved_medians
 
 
 def lbc(model: torch.nn.Module, n: int, m: int) -> int:
@@ -68,18 +55,7 @@ def main() -> None:
     targets = torch.randint(0, 10, (args.batch,), device=device)
     steps = {"dense": step_fn(dense, images, targets), "lbc": step_fn(masked, images, targets),
              "sr_ste": step_fn(srste, images, targets)}
-    times = {k: [] for k in steps}
-    for i in range(args.warmup + args.steps):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= args.warmup:
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(steps, rounds=args.steps, warmup=args.warmup, device=device)
     print(f"{args.model} {args.size}px batch {args.batch}, {n}:{m}, {device.type}, {torch.get_num_threads()} threads, "
           f"{args.steps} steps")
     for name in steps:
