@@ -1,6 +1,6 @@
 """DistillLM and the pluggable distillation objective: the loss a config selects is the loss trained on (checked
-on a fixed batch against the formula) for every recipe that distils (DistillLM, UniPTS); bad set-ups fail
-before training; greedy answers and their scores."""
+on a fixed batch against the formula) for every recipe that distils (DistillLM, UniPTS, E2E-QP from the
+floating-point model); bad set-ups fail before training; greedy answers and their scores."""
 
 from __future__ import annotations
 
