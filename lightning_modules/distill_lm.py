@@ -23,10 +23,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from effitrain.datamodules.tokenizer import load_tokenizer
 from effitrain.lightning_modules.base import adamw
-from effitrain.lightning_modules.causal_lm import CausalLM, load_causal_lm
+from effitrain.lightning_modules.causal_lm import CausalLM
 from effitrain.lightning_modules.generation import AnswerQuality
+from effitrain.lightning_modules.teacher import (
+    check_teacher,
+    check_teacher_tokenizer,
+    load_teacher,
+    teacher_logits,
+)
 from effitrain.methods.distillation import AdaptiveKL, DistillationLoss
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from typing_extensions import override
@@ -69,13 +74,9 @@ class DistillLM(CausalLM):
         self.kd_ratio = kd_ratio
         self.distill_loss = distill_loss if distill_loss is not None else AdaptiveKL(mu=0.5)
         self.teacher_name = teacher if isinstance(teacher, str) else None
-        if isinstance(teacher, str):
-            teacher = load_causal_lm(teacher, trust_remote_code=trust_remote_code, dtype=teacher_dtype)
-            teacher.requires_grad_(False)
-        elif teacher is not None and teacher_dtype is not None:
-            teacher.to(getattr(torch, teacher_dtype))
+        teacher = load_teacher(teacher, trust_remote_code, teacher_dtype)
         # A plain list hides the teacher from nn.Module's registry: not in parameters(), state_dict() or DDP.
-        self._teacher = [teacher.eval()] if teacher is not None else []
+        self._teacher = [teacher] if teacher is not None else []
         self.check_teacher()
         self.answers = AnswerQuality(max_new_tokens, generate_examples) if generate_examples > 0 else None
 
@@ -85,43 +86,17 @@ class DistillLM(CausalLM):
 
     def check_teacher(self) -> None:
         """The teacher is frozen and speaks the student's vocabulary (raises ValueError otherwise)."""
-        teacher = self.teacher
-        if teacher is None:
-            return
-        trainable = [n for n, p in teacher.named_parameters() if p.requires_grad]
-        if trainable:
-            raise ValueError(f"The teacher has {len(trainable)} trainable parameter tensors (e.g. {trainable[0]!r}): "
-                             "KD treats it as fixed. Freeze it (`teacher.requires_grad_(False)`) or pass its "
-                             "folder, which DistillLM loads frozen.")
-        student_vocab = self.model.get_output_embeddings().out_features
-        teacher_vocab = teacher.get_output_embeddings().out_features
-        if student_vocab != teacher_vocab:
-            raise ValueError(f"Teacher and student vocabularies differ ({teacher_vocab} vs {student_vocab} logits): "
-                             "token-level KD needs the same tokenizer. Use a student built on the teacher's "
-                             "tokenizer (`config.vocab_size` = the teacher's).")
+        check_teacher(self.teacher, self.model)
 
     @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
         self.check_teacher()
         tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
-        if tokenizer is None or self.teacher_name is None:
-            return
-        try:
-            teacher_tokenizer = load_tokenizer(self.teacher_name)
-        except ValueError:  # a teacher folder without tokenizer files: the vocabulary size check is all we have
-            return
-        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"The data's tokenizer is not the teacher's ({self.teacher_name!r}): token-level KD "
-                             "compares the same token ids. Set `data.tokenizer` to the teacher's.")
+        check_teacher_tokenizer(self.teacher_name, tokenizer)
 
-    @torch.no_grad()
     def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        teacher = self.teacher
-        if next(teacher.parameters()).device != batch["input_ids"].device:
-            teacher.to(batch["input_ids"].device)
-        teacher.eval()
-        return teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        return teacher_logits(self.teacher, batch)
 
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """CE and (when kd_ratio > 0) KD on the shifted pairs (logit at t, label at t + 1), and their mix."""

@@ -8,6 +8,10 @@ the LM head are frozen; only every ``QuantLinear.scales`` trains, upcast to fp32
 dequantization ``W = (q - z) s`` is ``q - z``). The written folder keeps the packed layout, so the model's
 size on disk is unchanged. Paper: AdamW, wd 0, lr 2e-5 (2-bit) / 1e-5 (3/4-bit), cosine, 3 % warmup,
 gradient clipping 0.3, one epoch of 4096 x 4096-token RedPajama samples.
+
+Optionally (not in the paper, which trains on CE alone) the packed student distils from the floating-point
+model it was quantized from: ``loss = (1 − kd_ratio)·CE + kd_ratio·KD`` with KD any
+``effitrain.methods.distillation`` objective (``ForwardKL``, ``ReverseKL``, ``AdaptiveKL``, ...), as ``DistillLM``.
 """
 
 from __future__ import annotations
@@ -16,8 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from effitrain.lightning_modules.artifacts import require_local_model
 from effitrain.lightning_modules.causal_lm import CausalLM
+from effitrain.lightning_modules.teacher import (
+    check_teacher,
+    check_teacher_tokenizer,
+    load_teacher,
+    teacher_logits,
+)
+from effitrain.methods.distillation import DistillationLoss
 from effitrain.methods.gptq_format import load_quantized, save_quantized
 from effitrain.methods.quantization import QuantLinear
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -36,6 +48,14 @@ class EfficientQATE2EQP(CausalLM):
         gradient_checkpointing: recompute activations in the backward pass (large models).
         optimizer, lr_scheduler: as for every recipe; the parameters are the scales only.
         export_dir: where the packed model with the trained scales is written.
+        distill_loss: a KD objective to distil from ``teacher`` (default ``None``: plain CE, as the paper).
+        teacher: the floating-point model's folder (e.g. the one Block-AP started from), loaded frozen.
+        kd_ratio: weight of KD in (1 − kd_ratio)·CE + kd_ratio·KD, used only with ``distill_loss``.
+        teacher_dtype: load the teacher in lower precision (``bfloat16``, ``float16``).
+
+    Raises:
+        ValueError: ``kd_ratio`` outside [0, 1]; ``distill_loss`` without ``teacher`` (or the reverse); a teacher
+            whose vocabulary differs from the packed model's.
     """
 
     sharding_refusal = (
@@ -46,8 +66,16 @@ class EfficientQATE2EQP(CausalLM):
 
     def __init__(self, pretrained: str, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw_e2e, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None, overwrite_export: bool = False):
+                 export_dir: str | None = None, overwrite_export: bool = False,
+                 distill_loss: DistillationLoss | None = None, teacher: str | None = None, kd_ratio: float = 0.5,
+                 teacher_dtype: str | None = None):
         require_local_model(pretrained, "packed Block-AP model")
+        if not 0.0 <= kd_ratio <= 1.0:
+            raise ValueError(f"kd_ratio must lie in [0, 1] (loss = (1 - kd_ratio)·CE + kd_ratio·KD), got {kd_ratio}.")
+        if (distill_loss is None) != (teacher is None):
+            raise ValueError("E2E-QP distils only with both `distill_loss` and `teacher` (the floating-point model's "
+                             f"folder); got distill_loss={distill_loss!r}, teacher={teacher!r}. Set both, or neither "
+                             "for plain CE.")
         super().__init__(pretrained=pretrained, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
                          lr_scheduler=lr_scheduler, export_dir=export_dir, overwrite_export=overwrite_export)
         self.model.requires_grad_(False)
@@ -58,6 +86,35 @@ class EfficientQATE2EQP(CausalLM):
             layer.scales.data = layer.scales.data.float()
             layer.scales.requires_grad_(True)
         self.bits, self.group_size = self.quant_layers[0].bits, self.quant_layers[0].group_size
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "distill_loss"])
+        self.distill_loss, self.kd_ratio, self.teacher_name = distill_loss, kd_ratio, teacher
+        # A plain list hides the teacher from nn.Module's registry: not in parameters(), state_dict() or DDP.
+        self._teacher = [load_teacher(teacher, dtype=teacher_dtype)] if teacher is not None else []
+        check_teacher(self.teacher, self.model)
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+        check_teacher_tokenizer(self.teacher_name, tokenizer)
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """CE (the paper), or (1 − kd_ratio)·CE + kd_ratio·KD on the shifted pairs when distilling."""
+        if self.distill_loss is None:
+            return super().training_step(batch, batch_idx)
+        logits = self(batch["input_ids"], batch.get("attention_mask")).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        kd = self.distill_loss(logits, teacher_logits(self.teacher, batch)[:, :-1], labels, epoch=self.current_epoch)
+        loss = (1.0 - self.kd_ratio) * ce + self.kd_ratio * kd
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({"train/ce": ce, "train/kd": kd})
+        return loss
 
     def load_model(self, pretrained: str, config: dict[str, Any] | None, trust_remote_code: bool,
                    dtype: str | None) -> torch.nn.Module:

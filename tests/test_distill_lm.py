@@ -1,6 +1,6 @@
 """DistillLM and the pluggable distillation objective: the loss a config selects is the loss trained on (checked
-on a fixed batch against the formula) for every recipe that distils (DistillLM, UniPTS); bad set-ups fail
-before training; greedy answers and their scores."""
+on a fixed batch against the formula) for every recipe that distils (DistillLM, UniPTS, E2E-QP from the
+floating-point model); bad set-ups fail before training; greedy answers and their scores."""
 
 from __future__ import annotations
 
@@ -177,3 +177,79 @@ def test_dolly_records_use_context_as_input():
     record = {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"}
     assert format_prompt(record) == (TEMPLATE_WITH_INPUT.format(instruction="Summarise.", input="A long text."), "Short.")
     assert format_prompt({**record, "context": ""}) == (TEMPLATE.format(instruction="Summarise."), "Short.")
+
+
+@pytest.fixture(scope="module")
+def packed_rtn_dir(tmp_path_factory, tiny_lm_dir):
+    """The tiny LLaMA at 4 bits by round-to-nearest, packed as Block-AP writes it (with the teacher's tokenizer)."""
+    from effitrain.datamodules.tokenizer import load_tokenizer
+    from effitrain.methods.gptq_format import save_quantized
+    from effitrain.methods.quant_surgery import decoder_blocks, named_linears, replace_module
+    from effitrain.methods.quantization import QuantLinear
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("packed")
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    for block in decoder_blocks(model):
+        for name, linear in list(named_linears(block)):
+            replace_module(block, name, QuantLinear.from_linear(linear, bits=4, group_size=32))
+    save_quantized(model, folder, bits=4, group_size=32)
+    load_tokenizer(str(tiny_lm_dir)).save_pretrained(folder)
+    return folder
+
+
+def e2e_qp_cli(tmp_path, packed: str, teacher: str | None, objective: str | None, kd_ratio: float = 0.3):
+    init = {"pretrained": packed, "kd_ratio": kd_ratio}
+    if objective:
+        init |= {"teacher": teacher, "distill_loss": OBJECTIVES[objective]}
+    config = {"seed_everything": 0, "model": {
+        "class_path": "effitrain.lightning_modules.efficientqat_e2e_qp.EfficientQATE2EQP", "init_args": init},
+        "data": {"class_path": "effitrain.datamodules.instructions.InstructionDataModule",
+                 "init_args": {"tokenizer": teacher, "num_examples": 40, "max_length": 200, "batch_size": 4}}}
+    return from_config(tmp_path, config)
+
+
+@pytest.mark.parametrize("objective", [*OBJECTIVES, None])
+def test_e2e_qp_trains_on_the_configured_objective(tmp_path, packed_rtn_dir, tiny_lm_dir, objective):
+    """E2E-QP distilling from the FP model: (1 − kd_ratio)·CE + kd_ratio·KD of the configured objective over the
+    response tokens; no objective is the paper's plain CE."""
+    cli = e2e_qp_cli(tmp_path, str(packed_rtn_dir), str(tiny_lm_dir), objective)
+    module, data = cli.model, cli.datamodule
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module.log = module.log_dict = lambda *a, **k: None
+    loss = module.training_step(batch, 0)
+    assert loss.requires_grad and all(p.requires_grad for p in module.param_groups())
+    with torch.no_grad():
+        s = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = module.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1] \
+            if objective else None
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    ce = F.cross_entropy(s[keep].double(), labels[keep]).item()
+    if objective is None:
+        assert module.teacher is None and loss.item() == pytest.approx(ce, rel=1e-5)
+        return
+    assert not torch.allclose(s, t, atol=1e-3)  # the packed student is not its teacher: KD is not zero
+    mu = OBJECTIVES[objective].get("init_args", {}).get("mu", 0.5)
+    kd = kl_rows(objective, s[keep].double().numpy(), t[keep].double().numpy(), mu)
+    assert kd > 0 and loss.item() == pytest.approx(0.7 * ce + 0.3 * kd, rel=1e-5)
+
+
+def test_e2e_qp_bad_distillation_setups_fail_before_training(packed_rtn_dir, tiny_lm_dir, tmp_path):
+    from effitrain.lightning_modules.efficientqat_e2e_qp import EfficientQATE2EQP
+    from effitrain.methods.distillation import ForwardKL
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    packed, teacher = str(packed_rtn_dir), str(tiny_lm_dir)
+    for ratio in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="kd_ratio must lie in"):
+            EfficientQATE2EQP(packed, distill_loss=ForwardKL(), teacher=teacher, kd_ratio=ratio)
+    with pytest.raises(ValueError, match="both `distill_loss` and `teacher`"):
+        EfficientQATE2EQP(packed, distill_loss=ForwardKL())
+    with pytest.raises(ValueError, match="both `distill_loss` and `teacher`"):
+        EfficientQATE2EQP(packed, teacher=teacher)
+    LlamaForCausalLM(LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        EfficientQATE2EQP(packed, distill_loss=ForwardKL(), teacher=str(tmp_path / "other"))
