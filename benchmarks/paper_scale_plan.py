@@ -40,8 +40,12 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5,
                  rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001)
-#: a config's ``pretrained`` -> the architecture it names
+GPT2 = dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+GPT2_XL = dict(GPT2, n_embd=1600, n_layer=48, n_head=25)
+#: a config's ``pretrained`` (or a distillation ``teacher``) -> the architecture it names
 ARCHITECTURES = {
+    "gpt2": GPT2,
+    "gpt2-xl": GPT2_XL,
     "meta-llama/Llama-2-7b-hf": LLAMA2_7B,
     "meta-llama/Llama-2-7b-chat-hf": LLAMA2_7B,
     "meta-llama/Meta-Llama-3-8B": LLAMA3_8B,
@@ -158,9 +162,20 @@ def plan(path: str | Path) -> Plan:
     args = {k: _instantiate(v) for k, v in args.items()}
     cls = _class(config["class_path"])
     with torch.device("meta"):
+        if args.get("teacher") in ARCHITECTURES:  # a teacher module of the named architecture, not a hub load
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            arch = dict(ARCHITECTURES[args["teacher"]])
+            teacher = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch))
+            args["teacher"] = teacher.requires_grad_(False).eval()
         module = cls(**args)
-        optimizer = (_class(optimizer_spec["class_path"])(module.param_groups(), **optimizer_spec.get("init_args", {}))
-                     if optimizer_spec else torch.optim.AdamW(module.param_groups()))
+        if getattr(module, "training_free", False):
+            module.requires_grad_(False)  # pruning without training (Wanda, DSnoT): weights only
+        if not any(p.requires_grad for p in module.parameters()):
+            optimizer = None  # post-training recipes (I&S-ViT) build their optimizers inside, one unit at a time
+        else:
+            optimizer = (_class(optimizer_spec["class_path"])(module.param_groups(), **optimizer_spec.get("init_args", {}))
+                         if optimizer_spec else torch.optim.AdamW(module.param_groups()))
     params = list(module.named_parameters())
     trainable = [(n, p) for n, p in params if p.requires_grad]
     adapter = "adapter" in args or cls.__name__ == "UIOLM"
@@ -178,13 +193,13 @@ def plan(path: str | Path) -> Plan:
     weights = sum(p.numel() * _bytes(kept_dtype(p)) for _, p in params)
     grads = sum(p.numel() * _bytes(kept_dtype(p)) for _, p in trainable)
     n_trainable = sum(p.numel() for _, p in trainable)
-    per_entry, groups = _optimizer_bytes(optimizer)
+    per_entry, groups = _optimizer_bytes(optimizer) if optimizer is not None else (0, "none (post-training)")
     method = 0.0
     if type(optimizer).__name__ == "MoFO":
         method += 3 * 4 * min(1 << 25, max(p.numel() for _, p in trainable) // shard)  # step, |m|, flags buffers
     teacher = getattr(module, "teacher", None)
     if teacher is not None:
-        method += sum(p.numel() * 4 for p in teacher.parameters())  # not sharded: a plain module per rank
+        method += sum(p.numel() * p.element_size() for p in teacher.parameters())  # a plain module per rank
     return Plan(path.name, cls.__name__, strategy, devices, sum(p.numel() for _, p in params), n_trainable, groups,
                 weights / shard / GIB, grads / shard / GIB, n_trainable * per_entry / shard / GIB, method / GIB)
 

@@ -111,6 +111,8 @@ class RunSummary(Callback):
         if trainer.sanity_checking:
             return
         metrics = _scalars(trainer.callback_metrics)
+        if trainer.state.fn == "validate" and getattr(pl_module, "training_free", False):
+            self._fitting = True  # a recipe whose run is a validation (pruning without training): report it
         if not self._fitting:  # a validation before fit: the starting model
             if self.baseline_metrics is None and metrics:
                 self.baseline_metrics = metrics
@@ -125,7 +127,7 @@ class RunSummary(Callback):
     # -- reporting ------------------------------------------------------------------------------------
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not self._fitting:
+        if stage not in ("fit", "validate") or not self._fitting:
             return
         self._fitting = False
         if not trainer.is_global_zero:

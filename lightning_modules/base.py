@@ -202,7 +202,11 @@ class TrainModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng_states"] = rng_states()
         checkpoint[CHECKPOINT_KEY] = self.identity()
-        stamp_checkpoint(checkpoint)
+        # A sharded strategy saves each rank's shards through torch.distributed.checkpoint (a folder with its
+        # own metadata), while this hook sees only this rank's part: a checksum of that part would not match
+        # the tensors loaded back, so only whole (single-file) checkpoints are stamped.
+        if self._trainer is None or not is_sharded(self.trainer.strategy):
+            stamp_checkpoint(checkpoint)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

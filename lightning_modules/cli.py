@@ -15,6 +15,7 @@ import importlib
 import os
 import pkgutil
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 import lightning as L
@@ -105,6 +106,8 @@ class EffitrainCLI(LightningCLI):
         if path is None:
             return
         config.ckpt_path = path
+        if Path(path).is_dir():  # a sharded checkpoint (torch.distributed.checkpoint): Lightning's strategy reads it
+            return
         checkpoint = load_checkpoint(path)
         dump = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
         model = dump[self.config.subcommand]["model"]

@@ -49,6 +49,10 @@ class PrunedCausalLM(CausalLM):
             empty calibration set or a model with nothing to prune (before any weight changes); ``fit``.
     """
 
+    #: nothing is trained: no optimizer, gradients or optimizer state (``benchmarks/paper_scale_plan.py``)
+    training_free = True
+
+
     def __init__(self, method: Literal["wanda", "magnitude"] = "wanda", sparsity: float | None = 0.5,
                  pattern: str | None = None, dsnot: bool = False, max_cycle_time: int = 50,
                  update_threshold: float = 0.1, dsnot_skip: list[str] | None = None, calibration_samples: int = 128,

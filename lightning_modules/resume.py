@@ -24,15 +24,15 @@ def resolve_ckpt_path(value: str, checkpoint_dir: str) -> str | None:
     none, rather than a silent start from step 0); Lightning's other keywords are left to Lightning (``None``)."""
     if value == "last":
         path = Path(checkpoint_dir) / "last.ckpt"
-        if not path.is_file():
+        if not path.exists():  # a file, or a folder of shards under a sharded strategy
             raise FileNotFoundError(
                 f"--ckpt_path last: there is no {path} to resume from (the run wrote no checkpoint yet, or its "
                 "trainer.default_root_dir differs). Start the run anew without --ckpt_path.")
         return str(path)
     if value in ("best", "hpc", "registry") or value.startswith("registry:"):
         return None
-    if not Path(value).is_file():
-        raise FileNotFoundError(f"--ckpt_path {value}: no such checkpoint file.")
+    if not Path(value).exists():
+        raise FileNotFoundError(f"--ckpt_path {value}: no such checkpoint file or folder.")
     return value
 
 

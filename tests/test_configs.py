@@ -85,8 +85,9 @@ def subcommand(config: Path) -> str:
 def run_fast(config: Path, workspace: Path):
     for needed in sorted(consumes(config)):
         ensure_artifact(needed, workspace)
+    # overwrite_export: the recipe's export folder may hold a producer's export written by hand below
     cli = run_cli([subcommand(config), "--config", str(config), "--trainer.fast_dev_run=1",
-                   "--trainer.default_root_dir=runs/test"], cwd=workspace)
+                   "--model.init_args.overwrite_export=true", "--trainer.default_root_dir=runs/test"], cwd=workspace)
     # fast_dev_run exports nothing: write the folders that later recipes start from by hand
     from effitrain.lightning_modules.export import publish
 

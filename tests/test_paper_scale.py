@@ -27,7 +27,8 @@ def plans() -> dict[str, paper_scale_plan.Plan]:
 def test_every_full_config_is_planned_and_fits_an_80gb_gpu(plans):
     assert len(plans) == len(list(REPO.glob("configs/*/full/*.yaml"))) >= 12
     for name, plan in plans.items():
-        assert 0 < plan.trainable <= plan.total, name
+        post_training = plan.groups.startswith("none")  # I&S-ViT trains one unit at a time, inside the recipe
+        assert (0 if post_training else 1) <= plan.trainable <= plan.total, name
         assert plan.per_gpu < 80, f"{name}: {plan.per_gpu:.1f} GiB of model state per GPU"
     print("\n" + paper_scale_plan.table(list(plans.values())))
 
