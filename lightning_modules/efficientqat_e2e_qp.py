@@ -12,12 +12,14 @@ gradient clipping 0.3, one epoch of 4096 x 4096-token RedPajama samples.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from effitrain.lightning_modules.artifacts import require_local_model
 from effitrain.lightning_modules.causal_lm import CausalLM
+from effitrain.methods.composition import SPARSITY_FILE, sparsity_summary, zero_fraction
 from effitrain.methods.gptq_format import load_quantized, save_quantized
 from effitrain.methods.quantization import QuantLinear
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -36,6 +38,9 @@ class EfficientQATE2EQP(CausalLM):
         gradient_checkpointing: recompute activations in the backward pass (large models).
         optimizer, lr_scheduler: as for every recipe; the parameters are the scales only.
         export_dir: where the packed model with the trained scales is written.
+        keep_mask: the base was pruned and packed with Block-AP's ``keep_mask``: its zeros stay exactly zero here
+            by construction (a pruned code equals its zero point, and dW/ds = q - z = 0), which the export checks
+            before writing, and the ``sparsity.json`` is carried into the written folder.
     """
 
     sharding_refusal = (
@@ -46,7 +51,7 @@ class EfficientQATE2EQP(CausalLM):
 
     def __init__(self, pretrained: str, gradient_checkpointing: bool = False,
                  optimizer: OptimizerCallable = adamw_e2e, lr_scheduler: LRSchedulerCallable | None = None,
-                 export_dir: str | None = None, overwrite_export: bool = False):
+                 export_dir: str | None = None, overwrite_export: bool = False, keep_mask: bool = False):
         require_local_model(pretrained, "packed Block-AP model")
         super().__init__(pretrained=pretrained, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
                          lr_scheduler=lr_scheduler, export_dir=export_dir, overwrite_export=overwrite_export)
@@ -58,6 +63,11 @@ class EfficientQATE2EQP(CausalLM):
             layer.scales.data = layer.scales.data.float()
             layer.scales.requires_grad_(True)
         self.bits, self.group_size = self.quant_layers[0].bits, self.quant_layers[0].group_size
+        self.sparsity = sparsity_summary(pretrained) if keep_mask else None
+        if keep_mask and self.sparsity is None:
+            raise ValueError(f"keep_mask=True but {pretrained} has no {SPARSITY_FILE}: pack the pruned model with "
+                             "Block-AP's keep_mask=True first (configs/compose/sparse_block_ap.yaml).")
+        self.zero_masks = [layer.dequantize(torch.float32) == 0 for layer in self.quant_layers] if keep_mask else None
 
     def load_model(self, pretrained: str, config: dict[str, Any] | None, trust_remote_code: bool,
                    dtype: str | None) -> torch.nn.Module:
@@ -77,5 +87,14 @@ class EfficientQATE2EQP(CausalLM):
     @override
     def save_export(self, folder: Path) -> None:
         """The packed model with fp16 scales (``save_quantized``) and the data's tokenizer."""
+        if self.zero_masks is not None:
+            for layer, zeros in zip(self.quant_layers, self.zero_masks, strict=True):
+                if layer.dequantize(torch.float32)[zeros].any():
+                    raise RuntimeError("A pruned weight became nonzero during E2E-QP: the codes must stay frozen.")
         save_quantized(self.model, folder, self.bits, self.group_size)
         self.save_tokenizer(folder)
+        if self.sparsity is not None:
+            kept = zero_fraction([layer.dequantize(torch.float32) for layer in self.quant_layers])
+            Path(folder, SPARSITY_FILE).write_text(json.dumps(
+                {**self.sparsity, "quantized_block_sparsity": kept,
+                 "kept_through": [*self.sparsity.get("kept_through", []), "e2e_qp"]}, indent=1))
