@@ -5,14 +5,23 @@ import json
 
 import pytest
 import torch
+from effitrain.lightning_modules.adapter_lm import AdapterCausalLM
 from effitrain.lightning_modules.causal_lm import CausalLM
 from effitrain.lightning_modules.efficientqat_block_ap import EfficientQATBlockAP
 from effitrain.lightning_modules.efficientqat_e2e_qp import EfficientQATE2EQP
 from effitrain.methods.blockwise_pruning import prune_causal_lm
 from effitrain.methods.composition import check_pattern_fits_groups
-from effitrain.methods.gptq_format import load_quantized
-from effitrain.methods.quant_surgery import decoder_blocks, named_linears
+from effitrain.methods.gptq_format import load_quantized, save_quantized
+from effitrain.methods.moslora import MoSLoraConfig
+from effitrain.methods.quant_peft import (
+    QuantLoraLinear,
+    QuantMoSLoraLinear,
+    load_adapter_on_packed,
+    with_quant_linear,
+)
+from effitrain.methods.quant_surgery import decoder_blocks, named_linears, quantize_model_rtn
 from effitrain.methods.quantization import FakeQuantLinear, QuantLinear
+from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
 from tests.test_efficientqat import TinyData, make_fp_model, trainer
@@ -157,3 +166,62 @@ def test_packed_base_refused_by_recipes_that_update_weights(chain):
 def test_e2e_keep_mask_needs_the_sparse_block_ap_output(chain):
     with pytest.raises(ValueError, match="has no sparsity.json: pack the pruned model"):
         EfficientQATE2EQP(str(chain["lost"]), keep_mask=True)
+
+
+# -- adapters on a packed base (Q-PEFT) ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def packed_base(tmp_path_factory):
+    """The tiny LLaMA, round-to-nearest w2g32, saved as a packed folder."""
+    tmp = tmp_path_factory.mktemp("qpeft")
+    model = quantize_model_rtn(LlamaForCausalLM.from_pretrained(make_fp_model(tmp / "fp")), 2, GROUP)
+    return save_quantized(model, tmp / "packed", 2, GROUP)
+
+
+ADAPTERS = {
+    "moslora": lambda: MoSLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
+def test_adapter_on_packed_base_trains_only_the_adapter_and_exports_equal(packed_base, tmp_path, kind):
+    module = AdapterCausalLM(adapter=ADAPTERS[kind](), pretrained=str(packed_base), task_eval_size=0,
+                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0),
+                             export_dir=str(tmp_path / "adapter"), merged_dir=str(tmp_path / "merged"))
+    quant = [m for m in module.model.modules() if isinstance(m, QuantLinear)]
+    adapted = [m for m in module.model.modules() if isinstance(m, QuantLoraLinear)]
+    assert len(adapted) == 3 * 2 and all(isinstance(m.get_base_layer(), QuantLinear) for m in adapted)
+    assert isinstance(adapted[0], QuantMoSLoraLinear) == (kind == "moslora")
+    base_before = {k: v.clone() for k, v in module.model.get_base_model().state_dict().items() if ".lora_" not in k}
+    ids = TinyData().train_dataloader().dataset.ids[:4]
+    module.model(input_ids=ids, labels=ids).loss.backward()
+    # the frozen base gets no gradient (codes and zeros are int buffers; the fp16 scales are frozen)
+    assert all(m.scales.grad is None and not m.scales.requires_grad for m in quant)
+    assert all(p.grad is None for n, p in module.model.named_parameters() if ".lora_" not in n)
+    lora_a = [p for n, p in module.model.named_parameters() if ".lora_A." in n]
+    assert lora_a and all(p.requires_grad for p in lora_a)
+    assert all(torch.count_nonzero(p.grad) > 0 for n, p in module.model.named_parameters() if ".lora_B." in n)
+    module.model.zero_grad()
+    trainer(tmp_path, max_steps=6, limit_val_batches=0).fit(module, datamodule=TinyData())
+    after = module.model.get_base_model().state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base_before.items())
+    module.model.eval()
+    with torch.no_grad():
+        expected = module.model(input_ids=ids).logits
+        assert any(torch.count_nonzero(p) for n, p in module.model.named_parameters() if ".lora_B." in n)
+        # the floating-point view deq(W0) + ΔW, a plain transformers folder; fp32, so 1e-5 is rounding only
+        merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        assert not any(isinstance(m, QuantLinear) for m in merged.modules())
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        # the adapter folder beside the packed base reloads to the same logits (for MoSLoRA: the plain-LoRA
+        # fold A' = M·A and the native form with the mixers)
+        folders = [tmp_path / "adapter"] + ([tmp_path / "adapter" / "moslora"] if kind == "moslora" else [])
+        for folder in folders:
+            reloaded = load_adapter_on_packed(packed_base, folder).eval()
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_in_place_merge_into_packed_codes_is_refused(packed_base):
+    model = get_peft_model(load_quantized(packed_base), with_quant_linear(ADAPTERS["lora"]()))
+    with pytest.raises(ValueError, match="cannot be merged into packed integer codes"):
+        model.merge_and_unload()
