@@ -9,6 +9,7 @@ from effitrain.lightning_modules.adapter_lm import AdapterCausalLM
 from effitrain.lightning_modules.causal_lm import CausalLM
 from effitrain.lightning_modules.efficientqat_block_ap import EfficientQATBlockAP
 from effitrain.lightning_modules.efficientqat_e2e_qp import EfficientQATE2EQP
+from effitrain.lightning_modules.pruned_lm import PrunedCausalLM
 from effitrain.methods.blockwise_pruning import prune_causal_lm
 from effitrain.methods.composition import check_pattern_fits_groups
 from effitrain.methods.gptq_format import load_quantized, save_quantized
@@ -157,7 +158,7 @@ def test_keep_mask_needs_a_pruned_model(tmp_path):
 
 def test_packed_base_refused_by_recipes_that_update_weights(chain):
     packed = str(chain["kept"])
-    for build in (lambda: CausalLM(pretrained=packed),
+    for build in (lambda: CausalLM(pretrained=packed), lambda: PrunedCausalLM(pretrained=packed),
                   lambda: EfficientQATBlockAP(packed, bits=2, group_size=GROUP)):
         with pytest.raises(ValueError, match="is a packed 2-bit model.*EfficientQATE2EQP"):
             build()
