@@ -67,7 +67,13 @@ class EfficientQATE2EQP(CausalLM):
         if keep_mask and self.sparsity is None:
             raise ValueError(f"keep_mask=True but {pretrained} has no {SPARSITY_FILE}: pack the pruned model with "
                              "Block-AP's keep_mask=True first (configs/compose/sparse_block_ap.yaml).")
-        self.zero_masks = [layer.dequantize(torch.float32) == 0 for layer in self.quant_layers] if keep_mask else None
+        # The codes and zero points are frozen buffers, so the (q == z) positions, which hold the pruned weights,
+        # are those of the base; their count is kept to check at export that every one of them is still 0.
+        self.zero_codes = sum(int(self._zero_code_mask(m).sum()) for m in self.quant_layers) if keep_mask else None
+
+    @staticmethod
+    def _zero_code_mask(layer: QuantLinear) -> torch.Tensor:
+        return (layer.codes() == layer.zeros()[layer.g_idx.long()]).t()
 
     def load_model(self, pretrained: str, config: dict[str, Any] | None, trust_remote_code: bool,
                    dtype: str | None) -> torch.nn.Module:
@@ -87,10 +93,11 @@ class EfficientQATE2EQP(CausalLM):
     @override
     def save_export(self, folder: Path) -> None:
         """The packed model with fp16 scales (``save_quantized``) and the data's tokenizer."""
-        if self.zero_masks is not None:
-            for layer, zeros in zip(self.quant_layers, self.zero_masks, strict=True):
-                if layer.dequantize(torch.float32)[zeros].any():
-                    raise RuntimeError("A pruned weight became nonzero during E2E-QP: the codes must stay frozen.")
+        if self.zero_codes is not None:
+            masks = [self._zero_code_mask(layer) for layer in self.quant_layers]
+            if sum(int(m.sum()) for m in masks) != self.zero_codes or any(
+                    layer.dequantize(torch.float32)[m].any() for layer, m in zip(self.quant_layers, masks, strict=True)):
+                raise RuntimeError("A pruned weight became nonzero during E2E-QP: the codes must stay frozen.")
         save_quantized(self.model, folder, self.bits, self.group_size)
         self.save_tokenizer(folder)
         if self.sparsity is not None:

@@ -14,6 +14,7 @@ from effitrain.methods.blockwise_pruning import prune_causal_lm
 from effitrain.methods.composition import check_pattern_fits_groups
 from effitrain.methods.gptq_format import load_quantized, save_quantized
 from effitrain.methods.moslora import MoSLoraConfig
+from effitrain.methods.packing import pack_codes
 from effitrain.methods.quant_peft import (
     QuantLoraLinear,
     QuantMoSLoraLinear,
@@ -226,3 +227,14 @@ def test_in_place_merge_into_packed_codes_is_refused(packed_base):
     model = get_peft_model(load_quantized(packed_base), with_quant_linear(ADAPTERS["lora"]()))
     with pytest.raises(ValueError, match="cannot be merged into packed integer codes"):
         model.merge_and_unload()
+
+
+def test_e2e_keep_mask_export_refuses_changed_codes(chain, tmp_path):
+    module = EfficientQATE2EQP(str(chain["kept"]), keep_mask=True)
+    layer = module.quant_layers[0]
+    pruned = module._zero_code_mask(layer).t()  # [in, out] positions whose code is the zero point
+    codes = layer.codes()
+    codes[pruned] = (codes[pruned] + 1) % 4  # a pruned weight's code no longer equals its zero point
+    layer.qweight.copy_(pack_codes(codes, layer.bits))
+    with pytest.raises(RuntimeError, match="A pruned weight became nonzero"):
+        module.save_export(tmp_path / "out")
