@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from effitrain.lightning_modules.artifacts import is_local_reference, require_local_model
 from effitrain.lightning_modules.base import TrainModule, adamw
+from effitrain.methods.composition import refuse_packed_base
 from effitrain.methods.task_metrics import generation_scores
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
@@ -117,6 +118,7 @@ class CausalLM(TrainModule):
     def load_model(self, pretrained: str | None, config: dict[str, Any] | None, trust_remote_code: bool,
                    dtype: str | None) -> PreTrainedModel:
         """The model to train; a subclass that reads another format overrides this."""
+        refuse_packed_base(pretrained, type(self).__name__)
         return load_causal_lm(pretrained, config, trust_remote_code, dtype)
 
     def setup(self, stage: str) -> None:

@@ -41,9 +41,16 @@ from effitrain.methods.block_ap import (
     trainable_groups,
     wrap_block,
 )
+from effitrain.methods.composition import (
+    SPARSITY_FILE,
+    check_pattern_fits_groups,
+    refuse_packed_base,
+    sparsity_summary,
+    zero_fraction,
+)
 from effitrain.methods.gptq_format import save_quantized
 from effitrain.methods.quant_surgery import decoder_blocks, named_linears, quantize_block_rtn
-from effitrain.methods.quantization import SUPPORTED_BITS, resolve_group_size
+from effitrain.methods.quantization import SUPPORTED_BITS, QuantLinear, resolve_group_size
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
@@ -68,6 +75,9 @@ class EfficientQATBlockAP(TrainModule):
         cache_dir: memory-map the caches to files in this folder instead of RAM (for large models).
         optimizer: called with the two parameter groups of each block (default AdamW, weight decay 0).
         export_dir: where the packed model is written.
+        keep_mask: the pretrained model is pruned (Wanda / DSnoT): keep its zeros exactly zero through training
+            and packing (each pruned code is its group's zero point, ``effitrain.methods.composition``); the
+            written folder gets the ``sparsity.json`` of the pruned model with the sparsity after packing.
     """
 
     sharding_refusal = (
@@ -80,7 +90,7 @@ class EfficientQATBlockAP(TrainModule):
                  quant_lr: float = 1e-4, weight_lr: float | None = None, min_lr_factor: float = 20.0,
                  cache_dtype: str = "float16", cache_dir: str | None = None,
                  optimizer: OptimizerCallable = adamw_no_decay, export_dir: str | None = None,
-                 overwrite_export: bool = False):
+                 overwrite_export: bool = False, keep_mask: bool = False):
         super().__init__(optimizer, None, export_dir, overwrite_export)
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={bits} is not supported: use one of {SUPPORTED_BITS}.")
@@ -99,6 +109,7 @@ class EfficientQATBlockAP(TrainModule):
         self.cache_dir = cache_dir
         # The model is kept out of the module's children so that Lightning does not move it to the
         # accelerator: only the block being trained goes there.
+        refuse_packed_base(pretrained, "Block-AP")
         self.__dict__["lm"] = load_causal_lm(pretrained).float().eval()
         self.lm.requires_grad_(False)
         self.__dict__["blocks"] = decoder_blocks(self.lm)
@@ -107,11 +118,25 @@ class EfficientQATBlockAP(TrainModule):
             if module.in_features % resolve_group_size(group_size, module.in_features):
                 raise ValueError(f"group_size={group_size} does not divide in_features={module.in_features} "
                                  f"of {name}: choose a divisor of the hidden ({hidden}) and MLP widths.")
+        self.keep_mask = keep_mask
+        self.sparsity = self._check_mask(pretrained) if keep_mask else None
         self.block_stats: list[dict[str, Any]] = []
         self.current = -1  # index of the block being trained
         self._done = 0     # number of blocks packed
         self.block_optimizer = self.block_scheduler = None
         self._resume_blocks: dict[str, Any] | None = None
+
+    def _check_mask(self, pretrained: str) -> dict[str, Any]:
+        """The pruned model's summary; fails when there is no mask to keep or its N:M blocks straddle groups."""
+        layers = dict(named_linears(self.blocks))
+        zeros = zero_fraction([m.weight for m in layers.values()])
+        summary = sparsity_summary(pretrained) or {}
+        if zeros == 0:
+            raise ValueError(f"keep_mask=True but the Linear weights of {pretrained} have no zeros: prune it first "
+                             "(configs/compose/sparse_wanda50.yaml) or set keep_mask=False.")
+        check_pattern_fits_groups(summary.get("pattern"), self.group_size,
+                                  {name: m.in_features for name, m in layers.items()})
+        return {**summary, "pruned_block_sparsity": zeros}
 
     # -- setup --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -184,7 +209,7 @@ class EfficientQATBlockAP(TrainModule):
         block = self.blocks[index].to(self.device)
         # Target: the FP block's output on the FP chain (the fp cache becomes block index+1's FP input).
         propagate(block, self.fp_cache, self._kwargs(), self.batch_size, self.device, self.compute_dtype)
-        wrap_block(block, self.bits, self.group_size)
+        wrap_block(block, self.bits, self.group_size, keep_zeros=self.keep_mask)
         rtn = block_mse(block, self.quant_cache, self.fp_cache, self._kwargs(), self.batch_size, self.device,
                         self.compute_dtype)
         quant, weights = trainable_groups(block)
@@ -241,7 +266,7 @@ class EfficientQATBlockAP(TrainModule):
         for index in range(state["done"]):
             block = self.blocks[index].to(self.device)
             propagate(block, self.fp_cache, self._kwargs(), self.batch_size, self.device, self.compute_dtype)
-            wrap_block(block, self.bits, self.group_size)
+            wrap_block(block, self.bits, self.group_size, keep_zeros=self.keep_mask)
             finalize_block(block)
             block.load_state_dict(state["blocks"][str(index)])
             propagate(block, self.quant_cache, self._kwargs(), self.batch_size, self.device, self.compute_dtype)
@@ -296,3 +321,7 @@ class EfficientQATBlockAP(TrainModule):
         save_quantized(self.lm, folder, self.bits, self.group_size)
         self.save_tokenizer(folder)
         (Path(folder) / "block_ap_stats.json").write_text(json.dumps(self.block_stats, indent=1))
+        if self.keep_mask:
+            kept = zero_fraction([m.dequantize(torch.float32) for m in self.lm.modules() if isinstance(m, QuantLinear)])
+            (Path(folder) / SPARSITY_FILE).write_text(json.dumps(
+                {**self.sparsity, "quantized_block_sparsity": kept, "kept_through": ["block_ap"]}, indent=1))

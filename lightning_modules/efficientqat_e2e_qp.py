@@ -16,6 +16,7 @@ model it was quantized from: ``loss = (1 − kd_ratio)·CE + kd_ratio·KD`` with
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from effitrain.lightning_modules.teacher import (
     load_teacher,
     teacher_logits,
 )
+from effitrain.methods.composition import SPARSITY_FILE, sparsity_summary, zero_fraction
 from effitrain.methods.distillation import DistillationLoss
 from effitrain.methods.gptq_format import load_quantized, save_quantized
 from effitrain.methods.quantization import QuantLinear
@@ -53,6 +55,10 @@ class EfficientQATE2EQP(CausalLM):
         kd_ratio: weight of KD in (1 − kd_ratio)·CE + kd_ratio·KD, used only with ``distill_loss``.
         teacher_dtype: load the teacher in lower precision (``bfloat16``, ``float16``).
 
+        keep_mask: the base was pruned and packed with Block-AP's ``keep_mask``: its zeros stay exactly zero here
+            by construction (a pruned code equals its zero point, and dW/ds = q - z = 0), which the export checks
+            before writing, and the ``sparsity.json`` is carried into the written folder.
+
     Raises:
         ValueError: ``kd_ratio`` outside [0, 1]; ``distill_loss`` without ``teacher`` (or the reverse); a teacher
             whose vocabulary differs from the packed model's.
@@ -68,7 +74,7 @@ class EfficientQATE2EQP(CausalLM):
                  optimizer: OptimizerCallable = adamw_e2e, lr_scheduler: LRSchedulerCallable | None = None,
                  export_dir: str | None = None, overwrite_export: bool = False,
                  distill_loss: DistillationLoss | None = None, teacher: str | None = None, kd_ratio: float = 0.5,
-                 teacher_dtype: str | None = None):
+                 teacher_dtype: str | None = None, keep_mask: bool = False):
         require_local_model(pretrained, "packed Block-AP model")
         if not 0.0 <= kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio must lie in [0, 1] (loss = (1 - kd_ratio)·CE + kd_ratio·KD), got {kd_ratio}.")
@@ -91,6 +97,15 @@ class EfficientQATE2EQP(CausalLM):
         # A plain list hides the teacher from nn.Module's registry: not in parameters(), state_dict() or DDP.
         self._teacher = [load_teacher(teacher, dtype=teacher_dtype)] if teacher is not None else []
         check_teacher(self.teacher, self.model)
+
+        self.sparsity = sparsity_summary(pretrained) if keep_mask else None
+        if keep_mask and self.sparsity is None:
+            raise ValueError(f"keep_mask=True but {pretrained} has no {SPARSITY_FILE}: pack the pruned model with "
+                             "Block-AP's keep_mask=True first (configs/compose/sparse_block_ap.yaml).")
+        # The codes and zero points are frozen buffers, so the (q == z) positions, which hold the pruned weights,
+        # are those of the base; their count is kept to check at export that every one of them is still 0.
+        self.zero_codes = sum(int(self._zero_code_mask(m).sum()) for m in self.quant_layers) if keep_mask else None
+
 
     @property
     def teacher(self) -> torch.nn.Module | None:
@@ -116,6 +131,10 @@ class EfficientQATE2EQP(CausalLM):
         self.log_dict({"train/ce": ce, "train/kd": kd})
         return loss
 
+    @staticmethod
+    def _zero_code_mask(layer: QuantLinear) -> torch.Tensor:
+        return (layer.codes() == layer.zeros()[layer.g_idx.long()]).t()
+
     def load_model(self, pretrained: str, config: dict[str, Any] | None, trust_remote_code: bool,
                    dtype: str | None) -> torch.nn.Module:
         """The packed model with ``QuantLinear`` blocks (``load_quantized``), not transformers' loader."""
@@ -134,5 +153,15 @@ class EfficientQATE2EQP(CausalLM):
     @override
     def save_export(self, folder: Path) -> None:
         """The packed model with fp16 scales (``save_quantized``) and the data's tokenizer."""
+        if self.zero_codes is not None:
+            masks = [self._zero_code_mask(layer) for layer in self.quant_layers]
+            if sum(int(m.sum()) for m in masks) != self.zero_codes or any(
+                    layer.dequantize(torch.float32)[m].any() for layer, m in zip(self.quant_layers, masks, strict=True)):
+                raise RuntimeError("A pruned weight became nonzero during E2E-QP: the codes must stay frozen.")
         save_quantized(self.model, folder, self.bits, self.group_size)
         self.save_tokenizer(folder)
+        if self.sparsity is not None:
+            kept = zero_fraction([layer.dequantize(torch.float32) for layer in self.quant_layers])
+            Path(folder, SPARSITY_FILE).write_text(json.dumps(
+                {**self.sparsity, "quantized_block_sparsity": kept,
+                 "kept_through": [*self.sparsity.get("kept_through", []), "e2e_qp"]}, indent=1))

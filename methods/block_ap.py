@@ -139,10 +139,15 @@ def propagate(block: nn.Module, cache: ActivationCache, kwargs: dict, batch_size
         cache.put(index, block_output(block(cache.get(index, device, dtype), **kwargs)))
 
 
-def wrap_block(block: nn.Module, bits: int, group_size: int) -> None:
-    """Replace every Linear of the block by a ``FakeQuantLinear`` with min/max-initialized s and z."""
+def wrap_block(block: nn.Module, bits: int, group_size: int, keep_zeros: bool = False) -> None:
+    """Replace every Linear of the block by a ``FakeQuantLinear`` with min/max-initialized s and z.
+
+    ``keep_zeros``: each layer keeps its current zeros (a pruned model's mask) exactly zero through training
+    and packing (``FakeQuantLinear``'s ``mask``).
+    """
     for name, linear in list(named_linears(block)):
-        replace_module(block, name, FakeQuantLinear(linear, bits, group_size))
+        mask = (linear.weight.detach() != 0) if keep_zeros else None
+        replace_module(block, name, FakeQuantLinear(linear, bits, group_size, mask))
 
 
 def trainable_groups(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -132,9 +132,12 @@ class FakeQuantLinear(nn.Module):
         linear: the full-precision layer to wrap; its weight tensor is reused, not copied.
         bits: code width N in {2, 3, 4, 8}.
         group_size: input channels per group (-1: the whole row).
+        mask: an optional fixed keep-mask [out, in] (a pruned model's nonzeros): the layer quantizes W ⊙ mask,
+            so every pruned weight gets its group's zero point as code and dequantizes to exactly 0, and
+            receives no gradient (sparse + low-bit, ``effitrain.methods.composition``).
     """
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int) -> None:
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int, mask: torch.Tensor | None = None) -> None:
         super().__init__()
         check_bits(bits)
         self.bits = bits
@@ -142,12 +145,16 @@ class FakeQuantLinear(nn.Module):
         self.group_size = resolve_group_size(group_size, linear.in_features)
         self.weight = linear.weight
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        scale, zero = init_scale_zero(linear.weight, bits, self.group_size)
+        self.register_buffer("mask", None if mask is None else mask.to(linear.weight.device, linear.weight.dtype))
+        scale, zero = init_scale_zero(self.masked_weight(), bits, self.group_size)
         self.scale = nn.Parameter(scale.to(linear.weight.device))
         self.zero_point = nn.Parameter(zero.to(linear.weight.device))
 
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight if self.mask is None else self.weight * self.mask
+
     def quantized_weight(self) -> torch.Tensor:
-        return fake_quantize(self.weight, self.scale, self.zero_point, self.bits, self.group_size)
+        return fake_quantize(self.masked_weight(), self.scale, self.zero_point, self.bits, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight().to(x.dtype)
@@ -156,7 +163,7 @@ class FakeQuantLinear(nn.Module):
     def to_quant_linear(self) -> QuantLinear:
         """The packed layer with this layer's current codes, zero points and (fp16) step sizes."""
         codes, zeros, scales = integer_codes(
-            self.weight, self.scale, self.zero_point, self.bits, self.group_size
+            self.masked_weight(), self.scale, self.zero_point, self.bits, self.group_size
         )
         return QuantLinear.from_codes(codes, zeros, scales, self.bits, self.group_size, self.bias)
 
