@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO, run_cli
 from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
 from effitrain.callbacks.model_summary import RunModelSummary
@@ -59,8 +60,22 @@ def test_fragment_composes_with_a_recipe(fragment: Path, capsys):
         assert exit_info.value.code in (0, None)
     else:
         print_config(base, fragment)
-    out = capsys.readouterr().out
-    assert "checkpoint:" in out and "lr_monitor:" in out
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert "checkpoint" in resolved and "lr_monitor" in resolved
+    own = yaml.safe_load(fragment.read_text())
+    if fragment.parent.name == "callbacks":  # its entry is in the trainer's callbacks
+        assert own["class_path"] in [c["class_path"] for c in resolved["trainer"]["callbacks"]]
+    else:  # each of the fragment's own keys took its value in the resolved config
+        assert_subset(own, resolved, rel(fragment))
+
+
+def assert_subset(fragment, resolved, where: str) -> None:
+    if isinstance(fragment, dict):
+        for key, value in fragment.items():
+            assert isinstance(resolved, dict) and key in resolved, f"{where}: {key} missing"
+            assert_subset(value, resolved[key], f"{where}.{key}")
+    elif not isinstance(fragment, list):  # lists (callbacks) are replaced or appended: checked by the recipes
+        assert resolved == fragment or str(resolved) == str(fragment), f"{where}: {resolved!r} != {fragment!r}"
 
 
 @pytest.fixture(scope="module")
