@@ -44,7 +44,7 @@ class LastCheckpoint(Checkpoint):
         """Write the checkpoint now (a collective: every rank calls it)."""
         target = self.path(trainer)
         partial = target.with_name(f".{target.name}.partial")
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # the full state, to resume
         if trainer.is_global_zero:
             os.replace(partial, target)
         trainer.strategy.barrier("last_checkpoint")
