@@ -19,9 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
-from efficientqat_table import evaluate, file_size
-from effitrain.datamodules.algorithmic import AlgorithmicDataModule
+from efficientqat_table import evaluate, file_size, testbed_val_loader
 from effitrain.methods.gptq_format import load_quantized, save_quantized
 from effitrain.methods.quant_surgery import decoder_blocks, named_linears, quantize_model_rtn
 from effitrain.methods.quantization import QuantLinear, average_bits
@@ -57,10 +55,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
 
-    data_args = yaml.safe_load(Path(args.data_config).read_text())["data"]["init_args"]
-    datamodule = AlgorithmicDataModule(**data_args)
-    datamodule.setup()
-    loader = datamodule.val_dataloader()
+    loader = testbed_val_loader(args.data_config)
     bpw = f"{average_bits(args.bits, args.group):.3f}"
     lines = ["| model | stage | val ppl | val acc % | pruned weights still 0 | bits/weight (blocks) | size on disk |",
              "|---|---|---|---|---|---|---|"]

@@ -40,6 +40,14 @@ def evaluate(model: torch.nn.Module, loader) -> tuple[float, float]:
     return ppl.compute().item(), correct / total
 
 
+def testbed_val_loader(data_config: str):
+    """The validation batches of the testbed's data, as its config builds them."""
+    data_args = yaml.safe_load(Path(data_config).read_text())["data"]["init_args"]
+    datamodule = AlgorithmicDataModule(**data_args)
+    datamodule.setup()
+    return datamodule.val_dataloader()
+
+
 def file_size(folder: Path) -> int:
     return (folder / "model.safetensors").stat().st_size
 
@@ -52,10 +60,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
 
-    data_args = yaml.safe_load(Path(args.data_config).read_text())["data"]["init_args"]
-    datamodule = AlgorithmicDataModule(**data_args)
-    datamodule.setup()
-    loader = datamodule.val_dataloader()
+    loader = testbed_val_loader(args.data_config)
     fp = AutoModelForCausalLM.from_pretrained(args.fp, dtype=torch.float32)
     fp_ppl, fp_acc = evaluate(fp, loader)
     with tempfile.TemporaryDirectory() as tmp:
