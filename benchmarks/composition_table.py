@@ -8,7 +8,8 @@ quantization, bits per weight and the size on disk.
 
 Each ``--rows`` item is ``<label>=<FP folder>,<Block-AP folder>,<E2E-QP folder>`` (the last two may be missing);
 the FP folder gives the FP row and the RTN row (round-to-nearest of that folder's weights). The data is the
-testbed's validation split (imported from ``efficientqat_table.py``).
+validation split of ``--data_config``'s ``data:`` section (the testbed's by default; ``configs/wanda/wanda.yaml``
+for the quickstart model).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from efficientqat_table import evaluate, file_size, testbed_val_loader
+from efficientqat_table import evaluate, file_size, val_loader
 from effitrain.methods.gptq_format import load_quantized, save_quantized
 from effitrain.methods.quant_surgery import decoder_blocks, named_linears, quantize_model_rtn
 from effitrain.methods.quantization import QuantLinear, average_bits
@@ -50,12 +51,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--group", type=int, default=64)
-    parser.add_argument("--data_config", default="configs/pretrain/efficientqat_testbed.yaml")
+    parser.add_argument("--data_config", default="configs/pretrain/efficientqat_testbed.yaml",
+                        help="a config whose data: section gives the validation split (e.g. configs/wanda/wanda.yaml "
+                             "for the quickstart model)")
     parser.add_argument("--rows", nargs="+", required=True)
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
 
-    loader = testbed_val_loader(args.data_config)
+    loader = val_loader(args.data_config)
     bpw = f"{average_bits(args.bits, args.group):.3f}"
     lines = ["| model | stage | val ppl | val acc % | pruned weights still 0 | bits/weight (blocks) | size on disk |",
              "|---|---|---|---|---|---|---|"]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import re
 import tempfile
 from pathlib import Path
 
 import torch
 import yaml
-from effitrain.datamodules.algorithmic import AlgorithmicDataModule
 from effitrain.methods.gptq_format import load_quantized, save_quantized
 from effitrain.methods.quant_surgery import quantize_model_rtn
 from torchmetrics.text import Perplexity
@@ -40,11 +40,16 @@ def evaluate(model: torch.nn.Module, loader) -> tuple[float, float]:
     return ppl.compute().item(), correct / total
 
 
-def testbed_val_loader(data_config: str):
-    """The validation batches of the testbed's data, as its config builds them."""
-    data_args = yaml.safe_load(Path(data_config).read_text())["data"]["init_args"]
-    datamodule = AlgorithmicDataModule(**data_args)
-    datamodule.setup()
+def val_loader(data_config: str, tokenizer: str | None = None):
+    """The validation batches of a recipe's data, as its config's ``data:`` section builds them (the testbed's
+    ``AlgorithmicDataModule``, or a text datamodule; ``tokenizer`` replaces the config's, for a model folder)."""
+    data = yaml.safe_load(Path(data_config).read_text())["data"]
+    module, _, name = data["class_path"].rpartition(".")
+    init_args = dict(data.get("init_args", {}))
+    if tokenizer is not None:
+        init_args["tokenizer"] = tokenizer
+    datamodule = getattr(importlib.import_module(module), name)(**init_args)
+    datamodule.setup("validate")
     return datamodule.val_dataloader()
 
 
@@ -60,7 +65,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = parser.parse_args()
 
-    loader = testbed_val_loader(args.data_config)
+    loader = val_loader(args.data_config)
     fp = AutoModelForCausalLM.from_pretrained(args.fp, dtype=torch.float32)
     fp_ppl, fp_acc = evaluate(fp, loader)
     with tempfile.TemporaryDirectory() as tmp:

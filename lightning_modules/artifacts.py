@@ -52,13 +52,20 @@ def is_local_reference(name: str) -> bool:
 
 
 def consuming_configs(path: str) -> list[Path]:
-    """The packaged recipes that start from ``path`` (mention it outside comments and ``*_dir:`` outputs)."""
+    """The packaged recipes that start from ``path``: they mention it outside comments, ``*_dir:`` outputs and
+    ``tokenizer:`` entries (a recipe that only borrows the tokenizer starts from another model)."""
     from effitrain.lightning_modules.config_files import packaged_recipes
 
     wanted = re.compile(rf"(?<![\w./-]){re.escape(Path(path).as_posix().rstrip('/'))}/?(?![\w./-])")
     found = []
     for config in packaged_recipes():
         lines = (line.split("#", 1)[0] for line in config.read_text().splitlines())
-        if any(wanted.search(line) and not re.search(r"\w_dir:", line) for line in lines):
+        if any(wanted.search(line) and not re.search(r"\w_dir:|tokenizer:", line) for line in lines):
             found.append(config)
     return found
+
+
+def recipe_subcommand(config: Path) -> str:
+    """``fit``, or what a training-free recipe names in its ``# subcommand: validate`` first line."""
+    found = re.match(r"# subcommand: (\w+)", config.read_text())
+    return found.group(1) if found else "fit"

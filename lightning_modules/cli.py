@@ -25,7 +25,7 @@ from effitrain.callbacks.last_checkpoint import LastCheckpoint
 from effitrain.callbacks.model_summary import RunModelSummary
 from effitrain.callbacks.progress import StepProgressBar
 from effitrain.callbacks.run_summary import RunSummary
-from effitrain.lightning_modules.artifacts import consuming_configs
+from effitrain.lightning_modules.artifacts import consuming_configs, recipe_subcommand
 from effitrain.lightning_modules.base import TrainModule
 from effitrain.lightning_modules.config_files import (
     DEFAULT_TRAINER_CONFIG,
@@ -161,12 +161,13 @@ class EffitrainCLI(LightningCLI):
 
 
 def next_commands(model: L.LightningModule) -> list[str]:
-    """``effitrain fit`` commands of the CPU recipes that start from what ``model`` writes."""
+    """``effitrain fit`` (or ``validate``, for training-free recipes) commands of the CPU recipes that start from
+    what ``model`` writes."""
     outputs = model.written_outputs() if hasattr(model, "written_outputs") else {}
     commands = []
     for folder in outputs.values():
         for config in consuming_configs(folder) if folder else []:
-            command = f"effitrain fit --config {recipe_name(config)}"
+            command = f"effitrain {recipe_subcommand(config)} --config {recipe_name(config)}"
             if "full" not in config.parts and command not in commands:
                 commands.append(command)
     return commands

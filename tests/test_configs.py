@@ -7,7 +7,6 @@ the producing config (the one whose ``export_dir`` writes it) in the same tempor
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from effitrain.callbacks.finite_loss_guard import FiniteLossGuard
 from effitrain.callbacks.model_summary import RunModelSummary
 from effitrain.callbacks.progress import StepProgressBar
 from effitrain.callbacks.run_summary import RunSummary
-from effitrain.lightning_modules.artifacts import consumed_artifacts, exported_paths
+from effitrain.lightning_modules.artifacts import consumed_artifacts, exported_paths, recipe_subcommand
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 CONFIGS = REPO / "configs"
@@ -91,17 +90,11 @@ def ensure_artifact(path: str, workspace: Path) -> None:
     run_fast(makers[0], workspace)
 
 
-def subcommand(config: Path) -> str:
-    """``fit``, or what a training-free recipe names in a ``# subcommand: validate`` first line."""
-    found = re.match(r"# subcommand: (\w+)", config.read_text())
-    return found.group(1) if found else "fit"
-
-
 def run_fast(config: Path, workspace: Path):
     for needed in sorted(consumes(config)):
         ensure_artifact(needed, workspace)
     # overwrite_export: the recipe's export folder may hold a producer's export written by hand below
-    cli = run_cli([subcommand(config), "--config", str(config), "--trainer.fast_dev_run=1",
+    cli = run_cli([recipe_subcommand(config), "--config", str(config), "--trainer.fast_dev_run=1",
                    "--model.init_args.overwrite_export=true", "--trainer.default_root_dir=runs/test"], cwd=workspace)
     # fast_dev_run exports nothing: write the folders that later recipes start from by hand
     from effitrain.lightning_modules.export import publish
@@ -116,7 +109,7 @@ def run_fast(config: Path, workspace: Path):
 def test_recipe_runs_one_step(config: Path, workspace: Path):
     cli = run_fast(config, workspace)
     trainer = cli.trainer
-    assert trainer.global_step >= 1 or subcommand(config) == "validate"
+    assert trainer.global_step >= 1 or recipe_subcommand(config) == "validate"
     losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k}
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
     # The common callbacks are forced by the CLI: no recipe can drop them (`trainer.logger: false` switches the

@@ -132,6 +132,9 @@ def test_next_command_for_a_starting_model():
 
     commands = next_commands(Quickstart())
     assert "effitrain fit --config moslora" in commands and "effitrain fit --config mofo" in commands
+    # a training-free recipe is suggested under its own subcommand
+    assert "effitrain validate --config wanda" in commands and "effitrain fit --config wanda" not in commands
+    # recipes that only borrow the tokenizer (they start from the pruned model) are not next
     assert not any("full" in c or "quickstart" in c for c in commands)
 
 
