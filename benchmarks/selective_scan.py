@@ -6,6 +6,10 @@ extra), all with the same inputs in mamba-ssm's layout, softplus(Δ + bias) incl
 
     python benchmarks/selective_scan.py                       # batch 8, Di 384, L 208, N 16
     python benchmarks/selective_scan.py --threads 2 --repeats 7
+    python benchmarks/selective_scan.py --threads 1 --lengths 64 128 256 512 1024 --out scan_lengths.json
+
+``--lengths``: time (no memory, no error check) against sequence length, the implementations interleaved at
+each length; the medians go to ``--out`` as JSON (``docs/data/results.json`` holds the committed sweep).
 
 Time: median of `--repeats` interleaved runs in one process (so machine load hits every implementation alike).
 Peak memory: each implementation runs once in a fresh subprocess with glibc's mmap threshold pinned low, so
@@ -17,6 +21,7 @@ On CUDA, max_memory_allocated over the same interval.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -86,6 +91,24 @@ def fwd_bwd(fn, inputs: dict, grad_out: torch.Tensor) -> None:
     y.backward(grad_out)
 
 
+def sweep_lengths(impls: dict, args: argparse.Namespace) -> dict:
+    """Median fwd+bwd milliseconds of each implementation at each of ``args.lengths`` (inputs seeded)."""
+    ms: dict[str, list[float]] = {name: [] for name in impls}
+    for length in args.lengths:
+        inputs = {k: v.to(args.device) for k, v in make_inputs(args.batch, args.di, length, args.n, "cpu",
+                                                                 seed=args.seed).items()}
+        grad_out = torch.randn(args.batch, args.di, length, generator=torch.Generator().manual_seed(args.seed))
+        grad_out = grad_out.to(args.device)
+        steps = {name: functools.partial(fwd_bwd, fn, inputs, grad_out) for name, fn in impls.items()}
+        med = interleaved_medians(steps, rounds=args.repeats, device=args.device)
+        for name in impls:
+            ms[name].append(round(med[name] * 1e3, 2))
+        print(f"L {length}: " + ", ".join(f"{name} {ms[name][-1]:.1f} ms" for name in impls), flush=True)
+    return {"batch": args.batch, "di": args.di, "n": args.n, "device": args.device,
+            "threads": torch.get_num_threads(), "repeats": args.repeats, "seed": args.seed,
+            "lengths": list(args.lengths), "ms": ms}
+
+
 def peak_memory_mb(name: str, args: argparse.Namespace) -> float:
     """Runs one forward + backward in a fresh process and returns its peak memory growth in MB."""
     cmd = [sys.executable, __file__, "--_memory-probe", name] + [
@@ -130,6 +153,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-loop", action="store_true", help="leave out the plain loop (slow at 2 threads)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and the output gradient")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="sweep these sequence lengths (time only)")
+    p.add_argument("--out", default=None, help="with --lengths: write the medians to this JSON file")
     p.add_argument("--_memory-probe", dest="probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -143,7 +169,14 @@ def main() -> None:
     if pscan is None:
         print("mambapy is not installed (pip install mambapy): skipping the pscan peer")
         impls.pop("mambapy pscan")
-    inputs = {k: v.to(args.device) for k, v in make_inputs(args.batch, args.di, args.length, args.n, "cpu").items()}
+    if args.lengths:
+        result = sweep_lengths(impls, args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return None
+    inputs = {k: v.to(args.device) for k, v in make_inputs(args.batch, args.di, args.length, args.n, "cpu",
+                                                             seed=args.seed).items()}
     grad_out = torch.randn(args.batch, args.di, args.length, device=args.device)
 
     # correctness against the sequential reference, on the benchmark's own inputs

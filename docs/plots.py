@@ -76,6 +76,32 @@ def unipts_accuracy(data: dict, out: Path) -> None:
     save(fig, out)
 
 
+def unipts_sparsity(data: dict, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    percent = [100 * p for p in data["sparsities"]]
+    for name, top1 in data["top1"].items():
+        ax.plot(percent, top1, "o-", label=name)
+    ax.axhline(data["dense"], color="grey", ls=":", label="dense")
+    ax.axhline(data["chance"], color="grey", ls="--", lw=0.8, label="chance")
+    ax.set(xticks=percent, xlabel="target sparsity (% of Conv2d/Linear weights)", ylabel="validation top-1 (%)",
+           title=f"ResNet-18 on digits, {data['steps']} steps on 512 images")
+    ax.legend(fontsize=8, loc="lower left")
+    save(fig, out)
+
+
+def selective_scan_lengths(data: dict, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for name, ms in data["ms"].items():
+        ax.plot(data["lengths"], ms, "o-", label=name)
+    ax.set(xscale="log", yscale="log", xticks=data["lengths"], xticklabels=[str(n) for n in data["lengths"]],
+           xlabel="sequence length L (tokens)", ylabel="forward + backward (ms, median)",
+           title=f"Selective scan, batch {data['batch']}, Di {data['di']}, N {data['n']}, "
+                 f"{data['threads']} thread{'s' if data['threads'] > 1 else ''}")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend(fontsize=8)
+    save(fig, out)
+
+
 def uio_passkey(data: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for name, acc in data["runs"].items():
@@ -110,6 +136,8 @@ def main() -> None:
     efficientqat_bits(results["efficientqat_bits"], args.out / "efficientqat_bits.png")
     unipts_accuracy(results["unipts_accuracy"], args.out / "unipts_accuracy.png")
     uio_passkey(results["uio_passkey"], args.out / "uio_passkey.png")
+    unipts_sparsity(results["unipts_sparsity"], args.out / "unipts_sparsity.png")
+    selective_scan_lengths(results["selective_scan_lengths"], args.out / "selective_scan_lengths.png")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,26 @@ def create_timm_model(model_name: str, num_classes: int, pretrained: str | None 
                          f"{type(err).__name__}: {err}") from None
 
 
-class ImageClassifier(TrainModule):
+class ClassifierEvaluation:
+    """Validation and test of a LightningModule whose forward maps images to logits: top-1 (``val/acc``) and
+    cross-entropy (``val/loss``) accumulated over the epoch. Call ``init_eval_metrics`` in ``__init__``."""
+
+    def init_eval_metrics(self, num_classes: int) -> None:
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_loss = MeanMetric()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.val_acc.update(logits, targets)
+        self.val_loss.update(F.cross_entropy(logits, targets), weight=len(targets))
+        self.log("val/acc", self.val_acc, prog_bar=True)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+
+    test_step = validation_step
+
+
+class ImageClassifier(ClassifierEvaluation, TrainModule):
     """Train a timm classifier on ``(images, targets)`` batches.
 
     Args:
@@ -66,8 +85,7 @@ class ImageClassifier(TrainModule):
         self.mixup = (Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
                             num_classes=num_classes) if mixup > 0 or cutmix > 0 else None)
         self.soft_loss = SoftTargetCrossEntropy()
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_loss = MeanMetric()
+        self.init_eval_metrics(num_classes)
 
     def setup(self, stage: str) -> None:
         data_classes = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
@@ -105,16 +123,6 @@ class ImageClassifier(TrainModule):
         loss = self.loss(self(images), targets)
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, targets = batch
-        logits = self(images)
-        self.val_acc.update(logits, targets)
-        self.val_loss.update(F.cross_entropy(logits, targets), weight=len(targets))
-        self.log("val/acc", self.val_acc, prog_bar=True)
-        self.log("val/loss", self.val_loss, prog_bar=True)
-
-    test_step = validation_step
 
     @override
     def save_export(self, folder: Path) -> None:

@@ -28,9 +28,8 @@ from typing import Any
 
 import effitrain.models  # noqa: F401  (registers this project's architectures with timm)
 import torch
-import torch.nn.functional as F
 from effitrain.lightning_modules.base import TrainModule
-from effitrain.lightning_modules.image_classifier import create_timm_model
+from effitrain.lightning_modules.image_classifier import ClassifierEvaluation, create_timm_model
 from effitrain.methods.isvit_sos import RECONSTRUCTIONS, apply_step, isvit_steps, planned_steps
 from effitrain.methods.vit_ptq import (
     load_quantized_state,
@@ -43,8 +42,6 @@ from effitrain.methods.vit_quantizers import UniformQuantizer
 from effitrain.models.illama_isvit import illama_twins
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Subset
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 INITS = ("percentile", "minmax")
@@ -67,7 +64,7 @@ def build_quantized(model: torch.nn.Module, w_bits: int, a_bits: int, post_softm
     return model
 
 
-class ISViTPTQ(TrainModule):
+class ISViTPTQ(ClassifierEvaluation, TrainModule):
     """Quantize a trained ViT with I&S-ViT and validate it.
 
     Args:
@@ -110,8 +107,7 @@ class ISViTPTQ(TrainModule):
                                      weight_channel_wise)
         self.__dict__["fp_model"] = fp.requires_grad_(False)  # not a submodule: no checkpoint, no optimizer
         self.model.requires_grad_(False)
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_loss = MeanMetric()
+        self.init_eval_metrics(num_classes)
         self.stats: dict = {}
 
     @override
@@ -233,14 +229,7 @@ class ISViTPTQ(TrainModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         if self.trainer.state.fn == "fit" and not getattr(self, "finished", False):
             return  # the model is quantized only once the last stage is done: no intermediate validation
-        images, targets = batch
-        logits = self(images)
-        self.val_acc.update(logits, targets)
-        self.val_loss.update(F.cross_entropy(logits, targets), weight=len(targets))
-        self.log("val/acc", self.val_acc, prog_bar=True)
-        self.log("val/loss", self.val_loss, prog_bar=True)
-
-    test_step = validation_step
+        super().validation_step(batch, batch_idx)
 
     @override
     def save_export(self, folder: Path) -> None:

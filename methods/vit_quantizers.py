@@ -63,7 +63,24 @@ def _percentile_rows(rows: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.
     return rows.kthvalue(k_lo, dim=1).values, rows.kthvalue(k_hi, dim=1).values
 
 
-class UniformQuantizer(nn.Module):
+class CalibratedQuantizer(nn.Module):
+    """A quantizer whose state (buffers, ``initialized``) is set from the next tensor it sees once
+    ``calibrating`` is set; ``enabled = False`` passes tensors through. Subclasses define ``calibrate(x)`` and
+    ``fake_quant(x)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.calibrate(x)
+            self.calibrating = False
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):
+            raise RuntimeError(f"{type(self).__name__} used before calibration: calibrate it first "
+                               "(calibrating = True).")
+        return self.fake_quant(x)
+
+
+class UniformQuantizer(CalibratedQuantizer):
     """Uniform asymmetric quantizer with percentile-MSE initialisation.
 
     Args:
@@ -119,14 +136,7 @@ class UniformQuantizer(nn.Module):
         self.zero_point.copy_(zero.reshape(self.zero_point.shape))
         self.initialized.fill_(True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating:
-            self.calibrate(x)
-            self.calibrating = False
-        if not self.enabled:
-            return x
-        if not bool(self.initialized):
-            raise RuntimeError("UniformQuantizer used before calibration: calibrate it first (calibrating = True).")
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return uniform_fake_quant(x, self._view(self.scale, x).to(x.dtype), self._view(self.zero_point, x).to(x.dtype),
                                   self.bits)
 
@@ -159,7 +169,7 @@ class Log2Quantizer(nn.Module):
         return f"bits={self.bits}"
 
 
-class SULQuantizer(nn.Module):
+class SULQuantizer(CalibratedQuantizer):
     """Shift-uniform-log2 quantizer (SULQ, Eq. 9-10) for post-softmax probabilities.
 
     Args:
@@ -210,14 +220,7 @@ class SULQuantizer(nn.Module):
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         return uniform_codes(-torch.log2(x.float() + self.eta), self.scale, self.zero_point, self.bits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calibrating:
-            self.calibrate(x)
-            self.calibrating = False
-        if not self.enabled:
-            return x
-        if not bool(self.initialized):
-            raise RuntimeError("SULQuantizer used before calibration: calibrate it first (calibrating = True).")
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return self._quantize(x, self.eta.to(x.dtype), self.scale.to(x.dtype), self.zero_point.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from effitrain.models.intermediates import take_indices, tokens_to_nchw
+from effitrain.models.intermediates import check_output_fmt, prune_blocks, split_intermediates, take_indices
+from effitrain.models.timm_cfg import build_patch_model, patch_model_cfg
 from timm.layers import (
     DropPath,
     PatchEmbed,
@@ -41,7 +42,7 @@ from timm.layers import (
     resample_abs_pos_embed,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from torch import nn
 
@@ -287,22 +288,9 @@ class ILLaMA(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """timm's feature-extraction forward (as ``VisionTransformer.forward_intermediates``).
-
-        Args:
-            indices: blocks to return: ``None`` all, an int n the last n, a list the given ones.
-            return_prefix_tokens: return (patch tokens, class token) pairs.
-            norm: apply the final norm to each intermediate.
-            stop_early: skip the blocks after the last one taken (the final features are then not computed:
-                use with ``intermediates_only``).
-            output_fmt: ``'NCHW'`` (patch grid) or ``'NLC'`` (tokens).
-            intermediates_only: return only the intermediates.
-
-        Returns:
-            (final features as :meth:`forward_features`, intermediates), or the intermediates alone.
-        """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        """timm's feature-extraction forward (as ``VisionTransformer.forward_intermediates``; the arguments are
+        described in :mod:`effitrain.models.intermediates`): block outputs, the class token as prefix token."""
+        check_output_fmt(output_fmt)
         taken, last = take_indices(len(self.blocks), indices)
         blocks = self.blocks[:last + 1] if stop_early else self.blocks
         intermediates, x = [], self._embed(x)
@@ -311,14 +299,11 @@ class ILLaMA(nn.Module):
             x = self._block(block, x, rope, rate, soft_mask)
             if i in taken:
                 intermediates.append(self.norm(x) if norm else x)
-        cls = slice(-1, None) if self.class_token_position == "last" else slice(0, 1)
-        patches = slice(0, -1) if self.class_token_position == "last" else slice(1, None)
-        prefix = [y[:, cls] for y in intermediates]
-        intermediates = [y[:, patches] for y in intermediates]
-        if output_fmt == "NCHW":
-            intermediates = [tokens_to_nchw(y, self.patch_embed.grid_size) for y in intermediates]
-        if return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix, strict=True))
+        last_cls = self.class_token_position == "last"
+        intermediates = split_intermediates(intermediates, prefix=slice(-1, None) if last_cls else slice(0, 1),
+                                            patches=slice(0, -1) if last_cls else slice(1, None),
+                                            grid=self.patch_embed.grid_size, output_fmt=output_fmt,
+                                            return_prefix_tokens=return_prefix_tokens)
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -327,13 +312,7 @@ class ILLaMA(nn.Module):
                                   prune_head: bool = True) -> list[int]:
         """Drop the blocks after the last one ``indices`` takes (and the final norm / head); returns the
         absolute indices kept (``features_only=True`` uses this)."""
-        taken, last = take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:last + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return taken
+        return prune_blocks(self, "blocks", "norm", indices, prune_norm, prune_head)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
@@ -376,20 +355,12 @@ def _check_pool(global_pool: str) -> str:
 def _create_illama(variant: str, pretrained: bool = False, **kwargs) -> ILLaMA:
     if pretrained:  # the released weights were trained with the post-softmax mask: load them as such
         kwargs.setdefault("mask_mode", "official")
-    # features_only=True: the last 3 blocks' outputs by default, through forward_intermediates (as timm's ViT)
-    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", 12)))
-    return build_model_with_cfg(ILLaMA, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return build_patch_model(ILLaMA, variant, pretrained, checkpoint_filter_fn, default_depth=12, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict[str, Any]:
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-        "interpolation": "bicubic", "fixed_input_size": True, "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj", "classifier": "head",
-        "paper_ids": "arXiv:2404.06773", "paper_name": "Adapting LLaMA Decoder to Vision Transformer",
-        "origin_url": "https://github.com/techmonsterwang/iLLaMA", **kwargs,
-    }
+    return patch_model_cfg(url, paper_ids="arXiv:2404.06773", paper_name="Adapting LLaMA Decoder to Vision Transformer",
+                           origin_url="https://github.com/techmonsterwang/iLLaMA", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from effitrain.models.intermediates import take_indices, tokens_to_nchw
+from effitrain.models.intermediates import check_output_fmt, prune_blocks, split_intermediates, take_indices
 from effitrain.models.selective_scan import IMPLEMENTATIONS, selective_scan
+from effitrain.models.timm_cfg import build_patch_model, patch_model_cfg
 from timm.layers import (
     DropPath,
     PatchEmbed,
@@ -41,7 +42,7 @@ from timm.layers import (
     resample_abs_pos_embed,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from torch import nn
 
@@ -318,24 +319,13 @@ class MambaR(nn.Module):
     def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
                               output_fmt: str = "NCHW", intermediates_only: bool = False):
-        """timm's feature-extraction forward (as ``VisionTransformer.forward_intermediates``).
+        """timm's feature-extraction forward (as ``VisionTransformer.forward_intermediates``; the arguments are
+        described in :mod:`effitrain.models.intermediates`).
 
         Intermediate i is the residual stream after block i (its input plus its mixer output), the tensor the
         final norm reads after the last block; the registers are split off as prefix tokens.
-
-        Args:
-            indices: blocks to return: ``None`` all, an int n the last n, a list the given ones.
-            return_prefix_tokens: return (patch tokens, register tokens) pairs.
-            norm: apply the final norm to each intermediate.
-            stop_early: skip the blocks after the last one taken (use with ``intermediates_only``).
-            output_fmt: ``'NCHW'`` (patch grid) or ``'NLC'`` (tokens).
-            intermediates_only: return only the intermediates.
-
-        Returns:
-            (final features as :meth:`forward_features`, intermediates), or the intermediates alone.
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        check_output_fmt(output_fmt)
         taken, last = take_indices(len(self.layers), indices)
         layers = self.layers[:last + 1] if stop_early else self.layers
         grid = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
@@ -347,13 +337,9 @@ class MambaR(nn.Module):
                 intermediates.append(self.norm_f(stream) if norm else stream)
         positions = self._register_positions(hidden.shape[1])
         is_patch = torch.ones(hidden.shape[1], dtype=torch.bool, device=hidden.device)
-        is_patch[positions] = False
-        prefix = [y[:, positions] for y in intermediates]
-        intermediates = [y[:, is_patch] for y in intermediates]  # patches in raster order
-        if output_fmt == "NCHW":
-            intermediates = [tokens_to_nchw(y, grid) for y in intermediates]
-        if return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix, strict=True))
+        is_patch[positions] = False  # patches in raster order
+        intermediates = split_intermediates(intermediates, prefix=positions, patches=is_patch, grid=grid,
+                                            output_fmt=output_fmt, return_prefix_tokens=return_prefix_tokens)
         if intermediates_only:
             return intermediates
         return self.norm_f(residual + self.drop_path(hidden).float()), intermediates
@@ -362,13 +348,7 @@ class MambaR(nn.Module):
                                   prune_head: bool = True) -> list[int]:
         """Drop the blocks after the last one ``indices`` takes (and the final norm / neck and head);
         returns the absolute indices kept (``features_only=True`` uses this)."""
-        taken, last = take_indices(len(self.layers), indices)
-        self.layers = self.layers[:last + 1]
-        if prune_norm:
-            self.norm_f = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, "")
-        return taken
+        return prune_blocks(self, "layers", "norm_f", indices, prune_norm, prune_head)
 
     def _register_positions(self, seqlen: int) -> torch.Tensor:
         if self.dynamic_img_size:
@@ -409,20 +389,12 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: MambaR) -> 
 
 
 def _create_mambar(variant: str, pretrained: bool = False, **kwargs) -> MambaR:
-    # features_only=True: the last 3 blocks' outputs by default, through forward_intermediates (as timm's ViT)
-    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("depth", 24)))
-    return build_model_with_cfg(MambaR, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+    return build_patch_model(MambaR, variant, pretrained, checkpoint_filter_fn, default_depth=24, **kwargs)
 
 
 def _cfg(url: str = "", **kwargs) -> dict[str, Any]:
-    return {
-        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.875,
-        "interpolation": "bicubic", "fixed_input_size": True, "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225), "first_conv": "patch_embed.proj", "classifier": "head",
-        "paper_ids": "arXiv:2405.14858", "paper_name": "Mamba-R: Vision Mamba ALSO Needs Registers",
-        "origin_url": "https://github.com/wangf3014/Mamba-Reg", **kwargs,
-    }
+    return patch_model_cfg(url, paper_ids="arXiv:2405.14858", paper_name="Mamba-R: Vision Mamba ALSO Needs Registers",
+                           origin_url="https://github.com/wangf3014/Mamba-Reg", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -72,35 +72,26 @@ def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
     return y
 
 
-def selective_scan_ref(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """The sequential scan, one step per token (the semantics of mamba-ssm's `selective_scan_ref`).
+def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                       z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
+                       return_last_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """The sequential scan, one step per token (the semantics of mamba-ssm's `selective_scan_ref`):
+    `selective_scan(..., impl="ref")`, arguments as there.
 
     Runs in fp32 like mamba-ssm, or in fp64 when u is fp64 (a tighter oracle for tests and benchmarks).
     """
-    _check_shapes(u, delta, A, B, C)
-    dtype_in = u.dtype
-    compute = torch.float64 if dtype_in == torch.float64 else torch.float32
-    u, A, B, C = u.to(compute), A.to(compute), B.to(compute), C.to(compute)
-    delta = _prepare_delta(delta.to(compute), delta_bias, delta_softplus)
+    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, impl="ref")
+
+
+def _sequential_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """y = C·h (batch, Di, L) and h_L (batch, Di, N), one step per token; delta already prepared."""
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
     for t in range(u.shape[2]):
         decay = torch.exp(delta[:, :, t, None] * A)
         h = decay * h + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
         ys.append(torch.einsum("bdn,bn->bd", h, C[:, :, t]))
-    y = _finish(torch.stack(ys, dim=2), u, D, z).to(dtype_in)
-    return (y, h) if return_last_state else y
+    return torch.stack(ys, dim=2), h
 
 
 def _chunk_states(delta: Tensor, delta_u: Tensor, A: Tensor, B: Tensor, start: Tensor, decay: Tensor,
@@ -240,20 +231,23 @@ def selective_scan(
         if _mamba_ssm_scan is None or not u.is_cuda:
             raise RuntimeError("impl='cuda' needs `pip install mamba-ssm` and CUDA tensors; use impl='chunked'")
         return _mamba_ssm_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    if impl == "ref":
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-
     dtype_in = u.dtype
-    with torch.autocast(device_type=u.device.type, enabled=False):  # the scan always runs in fp32
-        u32 = u.float()
-        delta = _prepare_delta(delta, delta_bias, delta_softplus)
-        y, last = _ChunkedScan.apply(
-            u32.permute(2, 0, 1).contiguous(),
-            delta.permute(2, 0, 1).contiguous(),
-            A.float().contiguous(),
-            B.float().permute(2, 0, 1).contiguous(),
-            C.float().permute(2, 0, 1).contiguous(),
-            chunk_size,
-        )
-        y = _finish(y.permute(1, 2, 0), u32, D, z).to(dtype_in)
+    # fp32 always, as mamba-ssm; the sequential loop keeps fp64 inputs in fp64 (the tighter oracle)
+    compute = torch.float64 if impl == "ref" and dtype_in == torch.float64 else torch.float32
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        u_c = u.to(compute)
+        delta = _prepare_delta(delta.to(compute), delta_bias, delta_softplus)
+        if impl == "ref":
+            y, last = _sequential_scan(u_c, delta, A.to(compute), B.to(compute), C.to(compute))
+        else:
+            y, last = _ChunkedScan.apply(
+                u_c.permute(2, 0, 1).contiguous(),
+                delta.permute(2, 0, 1).contiguous(),
+                A.float().contiguous(),
+                B.float().permute(2, 0, 1).contiguous(),
+                C.float().permute(2, 0, 1).contiguous(),
+                chunk_size,
+            )
+            y = y.permute(1, 2, 0)
+        y = _finish(y, u_c, D, z).to(dtype_in)
     return (y, last) if return_last_state else y
