@@ -107,8 +107,10 @@ def prune_linear(weight: Tensor, method: str, sparsity: float | None, pattern: t
     if dsnot_settings is None:
         return mask
     s = dsnot_settings
-    return dsnot(weight, mask, stats.mean_sum, stats.var, metric, s.max_cycle_time, s.update_threshold, pattern,
-                 s.same_sign, s.pow_of_var).mask
+    # the official code orders unstructured prune candidates by the Wanda score even from a magnitude mask
+    prune_metric = metric if pattern is not None or method == "wanda" else wanda_scores(weight, stats.sq_norm)
+    return dsnot(weight, mask, stats.mean_sum, stats.var, prune_metric, s.max_cycle_time, s.update_threshold,
+                 pattern, s.same_sign, s.pow_of_var).mask
 
 
 class _Caught(Exception):

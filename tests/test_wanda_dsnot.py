@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import REPO, run_cli
-from effitrain.methods.blockwise_pruning import DSnoTSettings, InputStats, prune_causal_lm
+from effitrain.methods.blockwise_pruning import DSnoTSettings, InputStats, prune_causal_lm, prune_linear
 from effitrain.methods.dsnot import dsnot
 from effitrain.methods.wanda import score_mask, wanda_scores
 from torch import nn
@@ -221,3 +221,64 @@ def test_cli_recipe_prunes_evaluates_and_exports_a_from_pretrained_folder(tmp_pa
         assert (w == 0).sum(1).eq(w.shape[1] // 2).all(), name  # exactly 50% per row, in the saved weights
         assert sparsity == pytest.approx(0.5)
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+
+
+def test_dsnot_from_magnitude_orders_prune_candidates_by_the_wanda_score():
+    """The official unstructured DSnoT ranks the kept weights it may prune by |W|·‖X‖ even when magnitude chose
+    the initial mask (zyxxmu/DSnoT ``prune_DSnoT``: ``wanda_metric``); the initial mask ranks |W| per row."""
+    w, _, stats = layer_and_stats(12, 40, seed=4, shift=0.5)
+    w = w * torch.linspace(0.2, 3.0, 40)  # input scales that make |W| and |W|·‖X‖ disagree
+    settings = DSnoTSettings(max_cycle_time=8, update_threshold=0.05, skip=())
+    got = prune_linear(w, "magnitude", 0.5, None, stats, settings)
+    magnitude = w.abs()
+    start = score_mask(magnitude, 0.5)
+    wanda = wanda_scores(w, stats.sq_norm)
+    by_magnitude = []
+    for i in range(w.shape[0]):
+        args = (w[i].tolist(), stats.mean_sum.tolist(), stats.var.tolist())
+        keep, _ = reference_row(*args, wanda[i].tolist(), start[i].tolist(), 8, 0.05, False)
+        assert got[i].tolist() == keep, i
+        by_magnitude.append(reference_row(*args, magnitude[i].tolist(), start[i].tolist(), 8, 0.05, False)[0])
+    assert torch.tensor(by_magnitude).ne(got).any()  # the order matters on this layer
+
+
+def reference_nm_row(w, mean, var, initial_metric, keep, m, cycles, threshold):
+    """N:M DSnoT on one row from the rules, with plain Python lists: grow as unstructured; the pruned partner is
+    the kept weight of the grown weight's block of M with the lowest initial score that has not moved; the sign
+    of ε must not change (always on for N:M)."""
+    d = len(w)
+    keep = list(keep)
+    moved = [False] * d
+    contrib = [w[j] * mean[j] for j in range(d)]
+    gap = sum(contrib[j] for j in range(d) if not keep[j])
+    sign0 = (gap > 0) - (gap < 0)
+    grow = sorted((j for j in range(d) if not keep[j]), key=lambda j: contrib[j] / var[j])
+    for _ in range(cycles):
+        if not grow or abs(gap) <= threshold:
+            break
+        g = grow.pop() if gap > 0 else grow.pop(0)
+        block = range(g - g % m, g - g % m + m)
+        partners = [j for j in block if keep[j] and not moved[j]]
+        if not partners:
+            break
+        p = min(partners, key=lambda j: initial_metric[j])
+        after = gap + contrib[p] - contrib[g]
+        if ((after > 0) - (after < 0)) != sign0:
+            break
+        keep[p], keep[g], gap = False, True, after
+        moved[p] = moved[g] = True
+    return keep
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_nm_dsnot_agrees_with_a_hand_written_per_row_reference(method):
+    w, _, stats = layer_and_stats(12, 48, seed=5, shift=0.8)
+    settings = DSnoTSettings(max_cycle_time=10, update_threshold=0.02, skip=())
+    got = prune_linear(w, method, None, (2, 4), stats, settings)
+    metric = wanda_scores(w, stats.sq_norm) if method == "wanda" else w.abs()
+    start = score_mask(metric, None, (2, 4))
+    assert got.ne(start).any()
+    for i in range(w.shape[0]):
+        keep = reference_nm_row(w[i].tolist(), stats.mean_sum.tolist(), stats.var.tolist(), metric[i].tolist(),
+                                start[i].tolist(), 4, 10, 0.02)
+        assert got[i].tolist() == keep, i
