@@ -21,6 +21,11 @@ any weight value:
   rule, sign(ε_i after the swap) = sign(ε_i at the start); an inactive row stays inactive. The loop stops
   when no row is active or after ``max_cycle_time`` cycles.
 
+Neither rule checks that a swap shrinks |ε_i|: when a row has run out of kept weights whose removal moves ε_i
+towards 0 (rows that read a large-mean input direction with weights of one sign), the prune pointer goes on
+to weights of the other sign in descending Wanda score, and |ε_i| grows. ``shrink_only=True`` (not in the
+official code) stops a row at the first swap that would not shrink |ε_i|.
+
 Nonzeros per row (and per M-block) never change, each weight is swapped at most once, and a regrown weight
 keeps its dense value. The official scripts pass ``--without_same_sign`` as ``type=bool``, which turns the
 sign rule off for unstructured sparsity whatever is given; it stays on for N:M. ``same_sign=None`` follows
@@ -60,6 +65,7 @@ def dsnot(
     pattern: tuple[int, int] | None = None,
     same_sign: bool | None = None,
     pow_of_var: float = 1.0,
+    shrink_only: bool = False,
 ) -> DSnoTResult:
     """Refine the keep-``mask`` of ``weight`` [d_out, d_in] by DSnoT's prune-and-grow cycles.
 
@@ -77,6 +83,7 @@ def dsnot(
         pattern: ``(n, m)`` when ``mask`` is N:M.
         same_sign: the sign rule; ``None``: off for unstructured, on for N:M (the official behaviour).
         pow_of_var: the exponent of Var(X_j) in the grow metric (official: 1).
+        shrink_only: a row also stops at the first swap that would not shrink |ε_i| (not official: off).
 
     Raises:
         ValueError: shapes that do not match, a negative ``max_cycle_time`` or ``update_threshold``.
@@ -147,6 +154,8 @@ def dsnot(
         active &= gap.abs() > update_threshold
         if same_sign:
             active &= torch.sign(after) == sign0
+        if shrink_only:
+            active &= after.abs() < gap.abs()
         rows_on = arange[active]
         keep[rows_on, prune_idx[active]] = False
         keep[rows_on, grow_idx[active]] = True

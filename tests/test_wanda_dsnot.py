@@ -91,7 +91,7 @@ def test_dsnot_with_zero_cycles_is_the_initial_mask_and_quiet_rows_stay():
     assert quiet.any() and torch.equal(out.mask[quiet], mask[quiet]) and (out.swaps[quiet] == 0).all()
 
 
-def reference_row(w, mean, var, wanda, keep, cycles, threshold, same_sign):
+def reference_row(w, mean, var, wanda, keep, cycles, threshold, same_sign, shrink_only=False):
     """DSnoT on one row, written from the rules (unstructured), with plain Python lists."""
     d = len(w)
     keep = list(keep)
@@ -110,18 +110,21 @@ def reference_row(w, mean, var, wanda, keep, cycles, threshold, same_sign):
         after = gap + contrib[p] - contrib[g]
         if same_sign and ((after > 0) - (after < 0)) != sign0:
             break
+        if shrink_only and abs(after) >= abs(gap):
+            break
         keep[p], keep[g], gap, swaps = False, True, after, swaps + 1
     return keep, swaps
 
 
-@pytest.mark.parametrize("same_sign", [False, True])
-def test_dsnot_agrees_with_a_hand_written_per_row_reference(same_sign):
+@pytest.mark.parametrize("same_sign,shrink_only", [(False, False), (True, False), (False, True)])
+def test_dsnot_agrees_with_a_hand_written_per_row_reference(same_sign, shrink_only):
     w, _, stats = layer_and_stats(12, 40, seed=3, shift=0.5)
     mask, metric = initial(w, stats, sparsity=0.5)
-    out = run_dsnot(w, stats, mask, metric, max_cycle_time=8, update_threshold=0.05, same_sign=same_sign)
+    out = run_dsnot(w, stats, mask, metric, max_cycle_time=8, update_threshold=0.05, same_sign=same_sign,
+                    shrink_only=shrink_only)
     for i in range(w.shape[0]):
         keep, swaps = reference_row(w[i].tolist(), stats.mean_sum.tolist(), stats.var.tolist(), metric[i].tolist(),
-                                    mask[i].tolist(), 8, 0.05, same_sign)
+                                    mask[i].tolist(), 8, 0.05, same_sign, shrink_only)
         assert out.mask[i].tolist() == keep, i
         assert int(out.swaps[i]) == swaps, i
 
@@ -282,3 +285,17 @@ def test_nm_dsnot_agrees_with_a_hand_written_per_row_reference(method):
         keep = reference_nm_row(w[i].tolist(), stats.mean_sum.tolist(), stats.var.tolist(), metric[i].tolist(),
                                 start[i].tolist(), 4, 10, 0.02)
         assert got[i].tolist() == keep, i
+
+
+def test_a_row_without_a_helpful_prune_candidate_grows_its_gap_unless_shrink_only():
+    """Every contribution W_j·X̄_j of the row is positive, so ε > 0 and no kept weight's removal lowers it: the
+    official rule prunes the first positive in descending Wanda score (the most salient kept weight) and |ε|
+    grows from 1 + 2 to 1 + 4; ``shrink_only`` refuses that swap."""
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    ones = torch.ones(4)
+    mask = torch.tensor([[False, False, True, True]])  # Wanda at 50%: the two largest kept
+    official = dsnot(w, mask, ones, ones, w.abs(), max_cycle_time=1)
+    assert official.mask.tolist() == [[False, True, True, False]]  # grew w=2, pruned w=4
+    assert float(official.gap_before[0]) == 3.0 and float(official.gap_after[0]) == 5.0
+    guarded = dsnot(w, mask, ones, ones, w.abs(), max_cycle_time=1, shrink_only=True)
+    assert torch.equal(guarded.mask, mask) and float(guarded.gap_after[0]) == 3.0
