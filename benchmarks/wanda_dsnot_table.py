@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--skip", default="mlp.*", help="DSnoT skips these Linear names ('' = none)")
     parser.add_argument("--max-cycle-time", type=int, default=50)
     parser.add_argument("--update-threshold", type=float, default=0.1)
+    parser.add_argument("--shrink-only", action="store_true", help="DSnoT stops a row at a swap that does not "
+                        "shrink |eps| (not official)")
     parser.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model")
     parser.add_argument("--rows", default="0,1,2,3", help="which rows (0 magnitude, 1 Wanda, 2 Wanda + DSnoT, "
                         "3 magnitude + DSnoT); separate processes can share the work")
@@ -59,10 +61,11 @@ def main() -> None:
             break
     val = data.val_dataloader()
     dense = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    settings = DSnoTSettings(args.max_cycle_time, args.update_threshold, skip=tuple(s for s in [args.skip] if s))
+    settings = DSnoTSettings(args.max_cycle_time, args.update_threshold, skip=tuple(s for s in [args.skip] if s),
+                             shrink_only=args.shrink_only)
     if not args.skip_dense:
         print(f"dense perplexity {perplexity(dense, val):.2f} ({count} calibration sequences, seed {args.seed}, "
-              f"DSnoT skip {list(settings.skip)})", flush=True)
+              f"DSnoT skip {list(settings.skip)}, shrink-only {args.shrink_only})", flush=True)
     targets = args.targets.split(",")
     print("| method | " + " | ".join(t if ":" in t else f"{float(t):.0%}" for t in targets) + " |")
     print("|---|" + "---|" * len(targets))

@@ -67,13 +67,15 @@ class InputStats:
 @dataclass
 class DSnoTSettings:
     """DSnoT's knobs (official defaults): see ``effitrain.methods.dsnot.dsnot``. ``skip`` holds glob patterns
-    of Linear names inside a block that keep the initial mask (official ``--skip_layer mlp``)."""
+    of Linear names inside a block that keep the initial mask (official ``--skip_layer mlp``); ``shrink_only``
+    is not in the official code (off)."""
 
     max_cycle_time: int = 50
     update_threshold: float = 0.1
     pow_of_var: float = 1.0
     same_sign: bool | None = None
     skip: tuple[str, ...] = ("mlp.*",)
+    shrink_only: bool = False
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -107,8 +109,10 @@ def prune_linear(weight: Tensor, method: str, sparsity: float | None, pattern: t
     if dsnot_settings is None:
         return mask
     s = dsnot_settings
-    return dsnot(weight, mask, stats.mean_sum, stats.var, metric, s.max_cycle_time, s.update_threshold, pattern,
-                 s.same_sign, s.pow_of_var).mask
+    # the official code orders unstructured prune candidates by the Wanda score even from a magnitude mask
+    prune_metric = metric if pattern is not None or method == "wanda" else wanda_scores(weight, stats.sq_norm)
+    return dsnot(weight, mask, stats.mean_sum, stats.var, prune_metric, s.max_cycle_time, s.update_threshold,
+                 pattern, s.same_sign, s.pow_of_var, s.shrink_only).mask
 
 
 class _Caught(Exception):

@@ -14,11 +14,17 @@ any weight value:
   ε_i most per unit of variance), else the smallest; a pointer moves inward from that end each cycle;
 * prune: the row's kept weights with a negative contribution W_ij·X̄_j in ascending Wanda score, then the
   positive ones in descending Wanda score; the first if ε_i >= 0, else the last: the least salient weight
-  whose removal moves ε_i towards 0. For N:M the pruned partner is instead the least salient (initial
-  metric) kept weight of the grown weight's block of M, so every block keeps N;
+  whose removal moves ε_i towards 0. The official code orders them by the Wanda score whatever chose the
+  initial mask (magnitude included). For N:M the pruned partner is instead the least salient kept weight of
+  the grown weight's block of M by the initial method's score, so every block keeps N;
 * a row swaps (one grow + one prune) while it is active: |ε_i| > ``update_threshold`` and, with the sign
   rule, sign(ε_i after the swap) = sign(ε_i at the start); an inactive row stays inactive. The loop stops
   when no row is active or after ``max_cycle_time`` cycles.
+
+Neither rule checks that a swap shrinks |ε_i|: when a row has run out of kept weights whose removal moves ε_i
+towards 0 (rows that read a large-mean input direction with weights of one sign), the prune pointer goes on
+to weights of the other sign in descending Wanda score, and |ε_i| grows. ``shrink_only=True`` (not in the
+official code) stops a row at the first swap that would not shrink |ε_i|.
 
 Nonzeros per row (and per M-block) never change, each weight is swapped at most once, and a regrown weight
 keeps its dense value. The official scripts pass ``--without_same_sign`` as ``type=bool``, which turns the
@@ -53,12 +59,13 @@ def dsnot(
     mask: Tensor,
     input_sum: Tensor,
     input_var: Tensor,
-    initial_metric: Tensor,
+    prune_metric: Tensor,
     max_cycle_time: int = 50,
     update_threshold: float = 0.1,
     pattern: tuple[int, int] | None = None,
     same_sign: bool | None = None,
     pow_of_var: float = 1.0,
+    shrink_only: bool = False,
 ) -> DSnoTResult:
     """Refine the keep-``mask`` of ``weight`` [d_out, d_in] by DSnoT's prune-and-grow cycles.
 
@@ -68,19 +75,22 @@ def dsnot(
         input_sum: X̄_j, per input feature (the official scale: the sum over a sequence's tokens, averaged
             over sequences; it sets the scale of ``update_threshold``).
         input_var: Var(X_j) per input feature.
-        initial_metric: the score that chose ``mask`` (Wanda's |W|·‖X‖ or |W|): orders the prune candidates.
+        prune_metric: orders the prune candidates (least salient first). The official choice: Wanda's
+            |W|·‖X‖ for unstructured masks, also when magnitude chose them; the initial method's score
+            (|W|·‖X‖ or |W|) for N:M.
         max_cycle_time: at most this many swaps per row (official: 50).
         update_threshold: rows with |ε| at or below this stop swapping (official: 0.1).
         pattern: ``(n, m)`` when ``mask`` is N:M.
         same_sign: the sign rule; ``None``: off for unstructured, on for N:M (the official behaviour).
         pow_of_var: the exponent of Var(X_j) in the grow metric (official: 1).
+        shrink_only: a row also stops at the first swap that would not shrink |ε_i| (not official: off).
 
     Raises:
         ValueError: shapes that do not match, a negative ``max_cycle_time`` or ``update_threshold``.
     """
     rows, cols = weight.shape
-    if mask.shape != weight.shape or initial_metric.shape != weight.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} and initial_metric {tuple(initial_metric.shape)} must have the "
+    if mask.shape != weight.shape or prune_metric.shape != weight.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} and prune_metric {tuple(prune_metric.shape)} must have the "
                          f"weight's shape {tuple(weight.shape)}")
     if input_sum.shape != (cols,) or input_var.shape != (cols,):
         raise ValueError(f"input statistics need one value per input feature ({cols})")
@@ -100,9 +110,9 @@ def dsnot(
     n_pruned = (~keep).sum(1)  # the same for every row of a per-row or N:M mask; kept per row for safety
     grow_lo, grow_hi = torch.zeros_like(n_pruned), n_pruned - 1
 
-    metric = initial_metric.float().clone()
+    metric = prune_metric.float().clone()
     if pattern is None:
-        # prune candidates: kept weights in ascending initial metric, negatives first, positives reversed
+        # prune candidates: kept weights in ascending prune metric, negatives first, positives reversed
         n_kept = keep.sum(1)
         order = torch.sort(metric.masked_fill(~keep, torch.inf), dim=1, stable=True).indices
         rank = torch.arange(cols, device=weight.device).expand(rows, cols)
@@ -144,6 +154,8 @@ def dsnot(
         active &= gap.abs() > update_threshold
         if same_sign:
             active &= torch.sign(after) == sign0
+        if shrink_only:
+            active &= after.abs() < gap.abs()
         rows_on = arange[active]
         keep[rows_on, prune_idx[active]] = False
         keep[rows_on, grow_idx[active]] = True

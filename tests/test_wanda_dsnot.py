@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from conftest import REPO, run_cli
-from effitrain.methods.blockwise_pruning import DSnoTSettings, InputStats, prune_causal_lm
+from effitrain.methods.blockwise_pruning import DSnoTSettings, InputStats, prune_causal_lm, prune_linear
 from effitrain.methods.dsnot import dsnot
 from effitrain.methods.wanda import score_mask, wanda_scores
 from torch import nn
@@ -91,7 +91,7 @@ def test_dsnot_with_zero_cycles_is_the_initial_mask_and_quiet_rows_stay():
     assert quiet.any() and torch.equal(out.mask[quiet], mask[quiet]) and (out.swaps[quiet] == 0).all()
 
 
-def reference_row(w, mean, var, wanda, keep, cycles, threshold, same_sign):
+def reference_row(w, mean, var, wanda, keep, cycles, threshold, same_sign, shrink_only=False):
     """DSnoT on one row, written from the rules (unstructured), with plain Python lists."""
     d = len(w)
     keep = list(keep)
@@ -110,18 +110,21 @@ def reference_row(w, mean, var, wanda, keep, cycles, threshold, same_sign):
         after = gap + contrib[p] - contrib[g]
         if same_sign and ((after > 0) - (after < 0)) != sign0:
             break
+        if shrink_only and abs(after) >= abs(gap):
+            break
         keep[p], keep[g], gap, swaps = False, True, after, swaps + 1
     return keep, swaps
 
 
-@pytest.mark.parametrize("same_sign", [False, True])
-def test_dsnot_agrees_with_a_hand_written_per_row_reference(same_sign):
+@pytest.mark.parametrize("same_sign,shrink_only", [(False, False), (True, False), (False, True)])
+def test_dsnot_agrees_with_a_hand_written_per_row_reference(same_sign, shrink_only):
     w, _, stats = layer_and_stats(12, 40, seed=3, shift=0.5)
     mask, metric = initial(w, stats, sparsity=0.5)
-    out = run_dsnot(w, stats, mask, metric, max_cycle_time=8, update_threshold=0.05, same_sign=same_sign)
+    out = run_dsnot(w, stats, mask, metric, max_cycle_time=8, update_threshold=0.05, same_sign=same_sign,
+                    shrink_only=shrink_only)
     for i in range(w.shape[0]):
         keep, swaps = reference_row(w[i].tolist(), stats.mean_sum.tolist(), stats.var.tolist(), metric[i].tolist(),
-                                    mask[i].tolist(), 8, 0.05, same_sign)
+                                    mask[i].tolist(), 8, 0.05, same_sign, shrink_only)
         assert out.mask[i].tolist() == keep, i
         assert int(out.swaps[i]) == swaps, i
 
@@ -221,3 +224,78 @@ def test_cli_recipe_prunes_evaluates_and_exports_a_from_pretrained_folder(tmp_pa
         assert (w == 0).sum(1).eq(w.shape[1] // 2).all(), name  # exactly 50% per row, in the saved weights
         assert sparsity == pytest.approx(0.5)
     assert (out / "tokenizer.json").exists() or (out / "tokenizer_config.json").exists()
+
+
+def test_dsnot_from_magnitude_orders_prune_candidates_by_the_wanda_score():
+    """The official unstructured DSnoT ranks the kept weights it may prune by |W|·‖X‖ even when magnitude chose
+    the initial mask (zyxxmu/DSnoT ``prune_DSnoT``: ``wanda_metric``); the initial mask ranks |W| per row."""
+    w, _, stats = layer_and_stats(12, 40, seed=4, shift=0.5)
+    w = w * torch.linspace(0.2, 3.0, 40)  # input scales that make |W| and |W|·‖X‖ disagree
+    settings = DSnoTSettings(max_cycle_time=8, update_threshold=0.05, skip=())
+    got = prune_linear(w, "magnitude", 0.5, None, stats, settings)
+    magnitude = w.abs()
+    start = score_mask(magnitude, 0.5)
+    wanda = wanda_scores(w, stats.sq_norm)
+    by_magnitude = []
+    for i in range(w.shape[0]):
+        args = (w[i].tolist(), stats.mean_sum.tolist(), stats.var.tolist())
+        keep, _ = reference_row(*args, wanda[i].tolist(), start[i].tolist(), 8, 0.05, False)
+        assert got[i].tolist() == keep, i
+        by_magnitude.append(reference_row(*args, magnitude[i].tolist(), start[i].tolist(), 8, 0.05, False)[0])
+    assert torch.tensor(by_magnitude).ne(got).any()  # the order matters on this layer
+
+
+def reference_nm_row(w, mean, var, initial_metric, keep, m, cycles, threshold):
+    """N:M DSnoT on one row from the rules, with plain Python lists: grow as unstructured; the pruned partner is
+    the kept weight of the grown weight's block of M with the lowest initial score that has not moved; the sign
+    of ε must not change (always on for N:M)."""
+    d = len(w)
+    keep = list(keep)
+    moved = [False] * d
+    contrib = [w[j] * mean[j] for j in range(d)]
+    gap = sum(contrib[j] for j in range(d) if not keep[j])
+    sign0 = (gap > 0) - (gap < 0)
+    grow = sorted((j for j in range(d) if not keep[j]), key=lambda j: contrib[j] / var[j])
+    for _ in range(cycles):
+        if not grow or abs(gap) <= threshold:
+            break
+        g = grow.pop() if gap > 0 else grow.pop(0)
+        block = range(g - g % m, g - g % m + m)
+        partners = [j for j in block if keep[j] and not moved[j]]
+        if not partners:
+            break
+        p = min(partners, key=lambda j: initial_metric[j])
+        after = gap + contrib[p] - contrib[g]
+        if ((after > 0) - (after < 0)) != sign0:
+            break
+        keep[p], keep[g], gap = False, True, after
+        moved[p] = moved[g] = True
+    return keep
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+def test_nm_dsnot_agrees_with_a_hand_written_per_row_reference(method):
+    w, _, stats = layer_and_stats(12, 48, seed=5, shift=0.8)
+    settings = DSnoTSettings(max_cycle_time=10, update_threshold=0.02, skip=())
+    got = prune_linear(w, method, None, (2, 4), stats, settings)
+    metric = wanda_scores(w, stats.sq_norm) if method == "wanda" else w.abs()
+    start = score_mask(metric, None, (2, 4))
+    assert got.ne(start).any()
+    for i in range(w.shape[0]):
+        keep = reference_nm_row(w[i].tolist(), stats.mean_sum.tolist(), stats.var.tolist(), metric[i].tolist(),
+                                start[i].tolist(), 4, 10, 0.02)
+        assert got[i].tolist() == keep, i
+
+
+def test_a_row_without_a_helpful_prune_candidate_grows_its_gap_unless_shrink_only():
+    """Every contribution W_j·X̄_j of the row is positive, so ε > 0 and no kept weight's removal lowers it: the
+    official rule prunes the first positive in descending Wanda score (the most salient kept weight) and |ε|
+    grows from 1 + 2 to 1 + 4; ``shrink_only`` refuses that swap."""
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    ones = torch.ones(4)
+    mask = torch.tensor([[False, False, True, True]])  # Wanda at 50%: the two largest kept
+    official = dsnot(w, mask, ones, ones, w.abs(), max_cycle_time=1)
+    assert official.mask.tolist() == [[False, True, True, False]]  # grew w=2, pruned w=4
+    assert float(official.gap_before[0]) == 3.0 and float(official.gap_after[0]) == 5.0
+    guarded = dsnot(w, mask, ones, ones, w.abs(), max_cycle_time=1, shrink_only=True)
+    assert torch.equal(guarded.mask, mask) and float(guarded.gap_after[0]) == 3.0
