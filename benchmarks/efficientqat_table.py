@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from effitrain.methods.gptq_format import load_quantized, save_quantized
+from effitrain.methods.gptq_format import EFFICIENTQAT_WEIGHTS, GPTQ_WEIGHTS, load_quantized, save_quantized
 from effitrain.methods.quant_surgery import quantize_model_rtn
 from torchmetrics.text import Perplexity
 from transformers import AutoModelForCausalLM
@@ -54,7 +54,8 @@ def val_loader(data_config: str, tokenizer: str | None = None):
 
 
 def file_size(folder: Path) -> int:
-    return (folder / "model.safetensors").stat().st_size
+    """Bytes of the folder's weights file (the 3-bit pack has its own name, which GPTQ loaders do not open)."""
+    return sum(p.stat().st_size for p in (folder / GPTQ_WEIGHTS, folder / EFFICIENTQAT_WEIGHTS) if p.exists())
 
 
 def main() -> None:
