@@ -29,7 +29,7 @@ from effitrain.callbacks.nm_sparsity import timm_dense_layers
 from effitrain.methods.lbc import LearnableNMMask
 from effitrain.methods.sparsity import parse_pattern, prunable_layers, register_mask, sparsify
 from sparse_step import step_fn  # the same SGD training step as the UniPTS masked-step benchmark
-from timing import interleaved_medians
+from timing import CLOCKS, interleaved_medians
 
 
 def lbc(model: torch.nn.Module, n: int, m: int, alive: int | None = None) -> int:
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--clock", default="wall", choices=["wall", "process"],
+                        help="process: CPU seconds of this process (less sensitive to other jobs on a shared CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -71,9 +73,9 @@ def main() -> None:
     targets = torch.randint(0, 10, (args.batch,), device=device)
     steps = {"dense": step_fn(dense, images, targets)}
     steps.update({name: step_fn(model, images, targets) for name, model in models.items()})
-    med = interleaved_medians(steps, rounds=args.steps, warmup=args.warmup, device=device)
+    med = interleaved_medians(steps, rounds=args.steps, warmup=args.warmup, device=device, clock=CLOCKS[args.clock])
     print(f"{args.model} {args.size}px batch {args.batch}, {n}:{m}, {device.type}, {torch.get_num_threads()} threads, "
-          f"{args.steps} steps")
+          f"{args.steps} steps, {args.clock} clock")
     for name in steps:
         print(f"{name:9s} step {med[name] * 1e3:8.1f} ms   ratio to dense {med[name] / med['dense']:.3f}")
     print("alpha memory (fp32) per model and pattern, first conv and classifier dense:")
