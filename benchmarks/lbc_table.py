@@ -10,7 +10,7 @@ training loss are printed as a Markdown table and written to ``--out``/table.jso
         --patterns 2:4 1:4 1:8 --out /tmp/lbc/table
 
 ``--steps`` / ``--t_f`` change the length of every run and of LBC's removal schedule alike (default: the
-recipes' 30 and 15); ``--lbc-only`` keeps the baselines out (to try schedules).
+recipes' 30 and 15); ``--methods lbc`` runs only some methods (to try schedules).
 """
 
 from __future__ import annotations
