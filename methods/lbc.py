@@ -9,7 +9,9 @@ candidate. The layer computes with W⊙m where
     s = (α ⊙ alive) T,     m = [s ≠ 0]   (straight-through: ∂m/∂s = 1)
 
 so ∂L/∂α_g,c = Σ_{j∈c} (∂L/∂W̃_j)·W_j and the weight gradient is g⊙m. α starts at 1/C(M−1, N−1), which makes
-s = 1 everywhere: training starts dense. Before every iteration the smallest alive scores of each group are
+s = 1 everywhere: training starts dense. m is taken as the union of the alive candidates, [(alive)T > 0]: the
+same as [s ≠ 0] except when alive scores cancel exactly, so it changes only when a candidate is removed and
+is cached between removals (all ones, and skipped, while every weight is in some alive candidate). Before every iteration the smallest alive scores of each group are
 removed for good (the explicit ``alive`` buffer, rather than testing α = 0, which momentum can nudge), so
 that K of the C candidates stay alive, with the schedule (Sec. 3.3; official exponent 3 for ResNet, 4 for DeiT)
 
@@ -51,26 +53,46 @@ def alive_count(t: float, t_i: float, t_f: float, candidates: int, exponent: flo
     return 1 + math.ceil((candidates - 1) * left**exponent)
 
 
+def _group_products(grad: Tensor, weight: Tensor, m: int) -> Tensor:
+    """g⊙W as [G, m] groups (``to_groups``), in one pass: for a conv the channel-last regrouping is the
+    layout the product is written in, rather than a copy after it."""
+    if weight.dim() <= 2:
+        return (grad * weight).reshape(-1, m)
+    order = (0, *range(2, weight.dim()), 1)
+    out = torch.empty([weight.shape[i] for i in order], dtype=torch.result_type(grad, weight), device=weight.device)
+    return torch.mul(grad.permute(order), weight.permute(order), out=out).reshape(-1, m)
+
+
 class _LBCMaskedWeight(torch.autograd.Function):
-    """W ↦ W⊙m, m = [(α⊙alive)T ≠ 0]; backward: g⊙m to W and (to_groups(g⊙W) Tᵀ)⊙alive to α (the
-    straight-through ∂m/∂s = 1), written out so that no intermediate of the STE is kept."""
+    """W ↦ W⊙m for the owner's mask m; backward: g⊙m to W and (to_groups(g⊙W) Tᵀ)⊙alive to α (the
+    straight-through ∂m/∂s = 1), written out so that no intermediate of the STE is kept. While every
+    weight is in some alive candidate (m = 1) the products with m are skipped."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, alpha: Tensor, owner: LearnableNMMask) -> Tensor:  # type: ignore[override]
-        keep = from_groups(owner.scores() != 0, weight.shape)
+        keep = owner.current_keep()
         ctx.owner = owner
+        if keep is None:
+            ctx.save_for_backward(weight)
+            return weight.view_as(weight)
         ctx.save_for_backward(weight, keep)
         return weight * keep
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        weight, keep = ctx.saved_tensors
+        weight, *keep = ctx.saved_tensors
         owner = ctx.owner
-        grad_weight = grad * keep if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad * keep[0] if keep else grad
         grad_alpha = None
         if ctx.needs_input_grad[1]:
-            per_weight = to_groups(grad * weight, owner.m).to(owner.alpha.dtype)  # g_j·W_j, [G, M]
-            grad_alpha = (per_weight @ owner.table.T).mul_(owner.alive)
+            per_weight = _group_products(grad, weight, owner.m).to(owner.alpha.dtype)  # g_j·W_j, [G, M]
+            # T (gW)ᵀ into α's candidate-major storage: MKL is several times faster at this short-wide
+            # product than at the tall-skinny (gW) Tᵀ, and the result needs no transposing copy
+            grad_alpha = torch.mm(owner.table, per_weight.t()).t()
+            if owner.removed_any():
+                grad_alpha.masked_fill_(~owner.alive, 0.0)
         return grad_weight, grad_alpha, None
 
 
@@ -83,6 +105,14 @@ class LearnableNMMask(WeightMask):
 
     Holds ``alpha`` [G, C] (a parameter: the optimizer trains it), ``table`` [C, m] and ``alive`` [G, C]
     (buffers); all three are in the state_dict, so a resumed run continues the same schedule.
+
+    ``alpha`` holds α − α0, the scores relative to their common start α0 = 1/C(M−1, N−1) (``alpha_start``).
+    On a trained network one step moves a score by about 1e-9 to 1e-7, below float32's resolution at 1/3
+    (3e-8): stored as α itself, as the official code does, most updates round away, most groups' scores are
+    still exactly tied when removal starts, and the tie, not the training, picks the combination that
+    survives. The gradient does not depend on α, so under SGD (momentum, coupled weight decay) or AdamW,
+    α = α0·(a decay common to all candidates) + (α − α0 trained from 0): the order of a group's scores, which
+    is all that removal reads, is the official one, without the rounding.
     """
 
     def __init__(self, shape: tuple[int, ...], n: int, m: int) -> None:
@@ -92,25 +122,58 @@ class LearnableNMMask(WeightMask):
         self.n, self.m, self.shape = n, m, tuple(shape)
         self.register_buffer("table", table)
         self.register_buffer("alive", torch.ones(groups, table.shape[0], dtype=torch.bool))
-        self.alpha = nn.Parameter(torch.full((groups, table.shape[0]), 1.0 / math.comb(m - 1, n - 1)))
+        self.alpha_start = 1.0 / math.comb(m - 1, n - 1)
+        # α − α0 (see the class docstring), [G, C] held candidate-major (a transposed [C, G]), the layout
+        # its gradient is produced in
+        self.alpha = nn.Parameter(torch.zeros(table.shape[0], groups).t())
+        self._key: tuple[int, int] | None = None  # the ``alive`` the cached mask below was computed from
+        self._keep: Tensor | None = None
+        self._most_alive = table.shape[0]
+        self._removed_any = False
 
     def scores(self) -> Tensor:
-        """s = (α ⊙ alive) T, per group and position [G, m]."""
-        return (self.alpha * self.alive) @ self.table
+        """s = (α ⊙ alive) T, per group and position [G, m] (α = α0 + ``alpha``; weight decay's uniform
+        shrinking of α0 is not tracked, as it changes no order)."""
+        return ((self.alpha + self.alpha_start) * self.alive) @ self.table
+
+    def _refresh(self) -> None:
+        """Recompute what depends only on ``alive``, once per change of it (its in-place version counter
+        moves on removal, on ``load_state_dict`` and on any direct edit; its storage moves with ``.to``)."""
+        key = (self.alive.data_ptr(), self.alive._version)
+        if self._key == key:
+            return
+        covered = (self.alive.to(self.table.dtype) @ self.table) > 0  # in some alive candidate [G, m]
+        self._keep = None if bool(covered.all()) else from_groups(covered, self.shape)
+        self._most_alive = int(self.alive.sum(1).max())
+        self._removed_any = not bool(self.alive.all())
+        self._key = key
+
+    def current_keep(self) -> Tensor | None:
+        """The boolean mask m in the weight's shape, or None while it is all ones."""
+        self._refresh()
+        return self._keep
+
+    def removed_any(self) -> bool:
+        """Whether some candidate has left ``alive`` (before that the α gradient needs no masking)."""
+        self._refresh()
+        return self._removed_any
 
     def forward(self, weight: Tensor) -> Tensor:
         return _LBCMaskedWeight.apply(weight, self.alpha, self)
 
     @torch.no_grad()
     def mask(self, weight: Tensor | None = None) -> Tensor:
-        return from_groups(self.scores() != 0, self.shape)
+        keep = self.current_keep()
+        return torch.ones(self.shape, dtype=torch.bool, device=self.alive.device) if keep is None else keep.clone()
 
     @torch.no_grad()
     def keep_best(self, k: int) -> None:
-        """Keep the k largest alive scores of each group alive; the rest are removed for good (α set to 0)."""
+        """Keep the k largest alive scores of each group alive; the rest are removed for good (their
+        ``alpha`` set to 0; ``alive`` alone decides, so momentum moving it later changes nothing)."""
         if not 1 <= k <= self.alive.shape[1]:
             raise ValueError(f"k must be in [1, {self.alive.shape[1]}], got {k}")
-        if int(self.alive.sum(1).max()) <= k:
+        self._refresh()
+        if self._most_alive <= k:
             return
         ranked = self.alpha.detach().float().masked_fill(~self.alive, -torch.inf)
         best = torch.topk(ranked, k, dim=1).indices

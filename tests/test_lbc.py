@@ -33,26 +33,56 @@ def test_mask_is_all_ones_at_init_and_the_layer_is_dense(layer):
     assert candidate_table(2, 4).shape == (6, 4) and (candidate_table(2, 4).sum(1) == 2).all()
 
 
-def test_alpha_gradient_is_the_sum_of_g_times_w_over_the_combination():
+@pytest.mark.parametrize("layer", [nn.Linear(8, 3), nn.Conv2d(8, 3, 3, padding=1)])
+def test_alpha_gradient_is_the_sum_of_g_times_w_over_the_combination(layer):
     torch.manual_seed(0)
-    layer = nn.Linear(8, 3)
     mask = lbc_layer(layer, 2, 4)
     mask.keep_best(6)
     with torch.no_grad():  # some removed candidates, distinct scores: a mask that is not all ones
         mask.alpha.copy_(torch.rand_like(mask.alpha))
         mask.alive[:, :3] = False
-    x = torch.randn(5, 8)
-    target = torch.randn(5, 3)
+    conv = isinstance(layer, nn.Conv2d)
+    x = torch.randn(5, 8, 4, 4) if conv else torch.randn(5, 8)
     w = layer.parametrizations.weight.original
+
+    def plain(weight):  # reference: the same layer computing with a given weight
+        if conv:
+            return torch.nn.functional.conv2d(x, weight, layer.bias, padding=1)
+        return torch.nn.functional.linear(x, weight, layer.bias)
+
+    target = torch.randn_like(plain(w.detach()))
     keep = from_groups(mask.scores() != 0, w.shape).float()
-    masked = (w.detach() * keep).requires_grad_()  # reference: a plain layer computing with W⊙m
-    torch.nn.functional.mse_loss(torch.nn.functional.linear(x, masked, layer.bias), target).backward()
+    masked = (w.detach() * keep).requires_grad_()
+    torch.nn.functional.mse_loss(plain(masked), target).backward()
     g = masked.grad
     torch.nn.functional.mse_loss(layer(x), target).backward()
     gw = to_groups(g * w.detach(), 4)  # [G, M]: g_j·W_j
     expected = (gw @ candidate_table(2, 4).T) * mask.alive  # Σ_{j∈c} g_j W_j, alive candidates only
     torch.testing.assert_close(mask.alpha.grad, expected)
     torch.testing.assert_close(w.grad, g * keep)
+
+
+def test_scores_rank_updates_far_below_the_resolution_of_one_third():
+    """On a trained network a step moves a score by ~1e-9, below float32's spacing at α0 = 1/3 (3e-8).
+    Those updates must still order the candidates (α is held as α − α0), not round away into ties that
+    the removal would then break arbitrarily."""
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    mask = lbc_layer(layer, 2, 4)
+    x, target = torch.randn(32, 16), torch.randn(32, 8)
+    opt = torch.optim.SGD(mask.parameters(), lr=1e-4)
+    summed = torch.zeros_like(mask.alpha, dtype=torch.float64)
+    for _ in range(3):
+        opt.zero_grad()
+        (1e-4 * torch.nn.functional.mse_loss(layer(x), target)).backward()
+        summed -= mask.alpha.grad.double()
+        opt.step()
+    assert mask.alpha.abs().max() < 1.5e-8  # stored as α itself, 1/3 + alpha would round back to 1/3
+    assert torch.equal(torch.full((1,), mask.alpha_start) + mask.alpha.abs().max(), torch.full((1,), mask.alpha_start))
+    assert (mask.alpha.max(1).values > mask.alpha.min(1).values).all()  # yet no group is tied
+    assert torch.equal(mask.alpha.argsort(1), summed.argsort(1))  # the order of -Σ_t Σ_{j∈c} g_j·W_j
+    mask.keep_best(1)
+    assert torch.equal(mask.alive.float().argmax(1), summed.argmax(1))
 
 
 def test_removal_schedule_runs_from_all_candidates_to_one_and_never_rises():
