@@ -75,6 +75,27 @@ def test_torch_fake_tensor_and_batchnorm_base():
         assert isinstance(nn.BatchNorm1d(3), nn.modules.batchnorm._BatchNorm)
 
 
+
+def test_torch_tensor_version_counter_moves_on_every_edit_of_alive():
+    """LBC caches its mask per ``alive`` buffer, keyed by (data_ptr, ``Tensor._version``): removal,
+    ``load_state_dict`` and direct in-place edits must each move the key, so the mask is never stale."""
+    from effitrain.methods.lbc import LearnableNMMask
+
+    with private_api("torch.Tensor._version", "torch", "methods/lbc.py (LearnableNMMask._refresh)"):
+        mask = LearnableNMMask((4, 8), 2, 4)
+        assert mask.current_keep() is None  # all 6 candidates alive: m = 1
+        with torch.no_grad():
+            mask.alpha.copy_(torch.randn_like(mask.alpha))
+        mask.keep_best(1)
+        after_removal = mask.current_keep()
+        assert after_removal is not None and int(after_removal.sum()) == 16  # 2 of every 4 of 32 weights
+        fresh = LearnableNMMask((4, 8), 2, 4)
+        assert fresh.current_keep() is None
+        fresh.load_state_dict(mask.state_dict())
+        assert torch.equal(fresh.current_keep(), after_removal)
+        fresh.alive.fill_(True)  # a direct in-place edit
+        assert fresh.current_keep() is None
+
 # ------------------------------------------------------------------------------------------------- timm
 def test_timm_manipulate_checkpoint():
     from timm.models._manipulate import checkpoint
